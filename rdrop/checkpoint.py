@@ -1,0 +1,177 @@
+"""Resumable checkpoints and best weights, written so that a crash never leaves a half-written one.
+
+Layout under `train.output_dir`:
+
+    checkpoints/step_<N>/model.pdparams      model weights (the state_dict of the bare model)
+                        optimizer.pdopt     optimizer state: momentum / Adam moments, LR scheduler
+                        trainer_state.json  step, data-stream position, best metric, loss-scaler state
+    best.pdparams, best.json                 weights with the best selection accuracy, and its metrics
+
+A checkpoint is written into a hidden `.step_<N>.partial` folder, every file flushed to disk, and only
+then renamed to `step_<N>`: the rename is atomic, so a folder named `step_<N>` is always complete,
+and a crash mid-save leaves the previous checkpoints untouched. Only rank 0 calls the writers.
+"""
+import json
+import logging
+import os
+import re
+import shutil
+
+import paddle
+
+from rdrop.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.pdparams"
+OPTIMIZER_FILE = "optimizer.pdopt"
+STATE_FILE = "trainer_state.json"
+BEST_WEIGHTS = "best.pdparams"
+BEST_METRICS = "best.json"
+_STEP_FOLDER = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_path(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_json(data, path):
+    with open(path, "w", encoding="utf-8") as stream:
+        json.dump(data, stream, indent=2, sort_keys=True)
+
+
+def _save_error(what, error):
+    return UserError(f"Could not write {what} ({error.strerror or error}). Free disk space or make the "
+                     f"folder writable, then resume with train.resume=auto: the previous checkpoints "
+                     f"are intact.")
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in `output_dir`, as (step, path), oldest first."""
+    folder = os.path.join(output_dir, CHECKPOINTS)
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        match = _STEP_FOLDER.match(name)
+        if match and os.path.isfile(os.path.join(folder, name, STATE_FILE)):
+            found.append((int(match.group(1)), os.path.join(folder, name)))
+    return sorted(found)
+
+
+def save(output_dir, step, model_state, optimizer_state, trainer_state, keep):
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` complete ones."""
+    folder = os.path.join(output_dir, CHECKPOINTS)
+    final = os.path.join(folder, f"step_{step}")
+    partial = os.path.join(folder, f".step_{step}.partial")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        paddle.save(model_state, os.path.join(partial, MODEL_FILE))
+        paddle.save(optimizer_state, os.path.join(partial, OPTIMIZER_FILE))
+        _write_json(dict(trainer_state, step=step), os.path.join(partial, STATE_FILE))
+        for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
+            _fsync_path(os.path.join(partial, name))
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_path(folder)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise _save_error(f"checkpoint '{final}'", error) from None
+    for _, old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_best(output_dir, model_state, metrics):
+    """Replace best.pdparams and best.json, each by an atomic rename."""
+    try:
+        for name, write in ((BEST_WEIGHTS, paddle.save), (BEST_METRICS, _write_json)):
+            target = os.path.join(output_dir, name)
+            write(model_state if name == BEST_WEIGHTS else metrics, target + ".partial")
+            _fsync_path(target + ".partial")
+            os.replace(target + ".partial", target)
+    except OSError as error:
+        raise _save_error(f"the best weights in '{output_dir}'", error) from None
+
+
+def _load_file(path, loader):
+    if not os.path.isfile(path):
+        raise UserError(f"Checkpoint file '{path}' is missing: the checkpoint is incomplete or not a "
+                        f"checkpoint folder of this project. Point train.resume at a checkpoints/step_<N> "
+                        f"folder, or use train.resume=auto.")
+    try:
+        return loader(path)
+    except Exception as error:  # paddle.load and json raise many types on corrupt files
+        raise UserError(f"Checkpoint file '{path}' cannot be read ({type(error).__name__}: {error}). It is "
+                        f"corrupt or not a checkpoint; resume from another checkpoint.") from None
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as stream:
+        return json.load(stream)
+
+
+def load(path):
+    """Read a checkpoint folder: (model_state, optimizer_state, trainer_state)."""
+    if not os.path.isdir(path):
+        raise UserError(f"Checkpoint '{path}' is not a folder. Point train.resume at a checkpoints/step_<N> "
+                        f"folder of a previous run, or use train.resume=auto.")
+    return (_load_file(os.path.join(path, MODEL_FILE), paddle.load),
+            _load_file(os.path.join(path, OPTIMIZER_FILE), paddle.load),
+            _load_file(os.path.join(path, STATE_FILE), _read_json))
+
+
+def restore_model(model, state, source):
+    """Load `state` into `model` only if every key and shape matches; otherwise say exactly what differs."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    given = {name: tuple(value.shape) for name, value in state.items()}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = [f"{name}: checkpoint {given[name]} vs model {expected[name]}"
+                  for name in sorted(set(expected) & set(given)) if given[name] != expected[name]]
+    if missing or unexpected or mismatched:
+        problems = "; ".join(part for part in (
+            f"missing {', '.join(missing[:8])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:8])}" if unexpected else "",
+            f"shape mismatch {', '.join(mismatched[:8])}" if mismatched else "") if part)
+        raise UserError(f"The weights in '{source}' do not fit the model built from the config ({problems}). "
+                        f"Use the config of the run that wrote them (its config.yaml), e.g. the same model.name, "
+                        f"model.img_size and model.num_classes.")
+    model.set_state_dict(state)
+
+
+def resolve_resume(train_cfg):
+    """The checkpoint folder to resume from, or None for a fresh start."""
+    resume, output_dir = train_cfg["resume"], train_cfg["output_dir"]
+    if resume == "auto":
+        existing = list_checkpoints(output_dir)
+        return existing[-1][1] if existing else None
+    return resume
+
+
+def claim_output_dir(train_cfg):
+    """Refuse to start a fresh run on top of another run's checkpoints unless train.overwrite is set."""
+    output_dir = train_cfg["output_dir"]
+    if train_cfg["resume"] is None and list_checkpoints(output_dir):
+        if not train_cfg["overwrite"]:
+            raise UserError(f"Output folder '{output_dir}' already holds checkpoints of another run. Resume it "
+                            f"with -o train.resume=auto, choose another train.output_dir, or set "
+                            f"train.overwrite=true to delete that run's checkpoints and best weights.")
+        logger.warning("train.overwrite is set: deleting the checkpoints and best weights in %s", output_dir)
+        shutil.rmtree(os.path.join(output_dir, CHECKPOINTS))
+        for name in (BEST_WEIGHTS, BEST_METRICS):
+            if os.path.exists(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"Cannot create train.output_dir '{output_dir}' ({error.strerror}). Choose a writable "
+                        f"folder.") from None

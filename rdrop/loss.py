@@ -1,0 +1,91 @@
+"""The R-Drop objective: cross-entropy of two dropout samples plus a symmetric KL between them.
+
+For a micro-batch of B images, two forward passes with independent dropout masks give logits a and b,
+P_a = softmax(a) and P_b = softmax(b). This module computes
+
+    loss = CE(a) + CE(b) + alpha * KL_sym(a, b),    KL_sym = KL(P_a || P_b) + KL(P_b || P_a),
+
+with each CE the mean over the batch and KL_sym reduced by `kl_reduction`:
+
+- `sum`: summed over the micro-batch. This is exactly the loss of the public PyTorch R-Drop ViT
+  code, so its `alpha` carries over unchanged; but the KL's weight relative to the CE then grows
+  linearly with `train.micro_batch_size` (and not with the global batch).
+- `batchmean`: the sum divided by B, i.e. the mean per image, independent of the batch size.
+- `mean`: the sum divided by B x num_classes (the mean over all elements, as PyTorch's `kl_div`).
+
+The paper (Liang et al., 2021, eq. 3) writes the per-image loss as
+NLL_a + NLL_b + alpha_paper * (KL(P_a||P_b) + KL(P_b||P_a)) / 2, averaged over the batch, so
+
+    alpha_paper = 2 * alpha                      with kl_reduction='batchmean'
+    alpha_paper = 2 * micro_batch_size * alpha   with kl_reduction='sum'
+
+(the authors' ViT recipe, alpha 0.3 with `sum` over micro-batches of 32, is alpha_paper = 19.2).
+
+Everything is computed in float32 from log-probabilities on both sides, using
+KL_sym = sum (P_a - P_b) * (log P_a - log P_b): finite for logits of any magnitude (no log of an
+underflowed softmax) and exactly 0 when a == b.
+"""
+import paddle
+import paddle.nn.functional as F
+
+KL_REDUCTIONS = ("sum", "batchmean", "mean")
+
+
+def _log_softmax(logits):
+    # Not F.log_softmax: Paddle's CPU kernel clamps log-probabilities at -64, which caps the KL
+    # between confident predictions. x - logsumexp(x) is exact at any magnitude.
+    logits = logits.astype("float32")
+    return logits - paddle.logsumexp(logits, axis=-1, keepdim=True)
+
+
+def symmetric_kl(logits_a, logits_b, reduction="batchmean"):
+    """KL(P_a||P_b) + KL(P_b||P_a) with P = softmax over the last axis, reduced as described above."""
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
+    log_p, log_q = _log_softmax(logits_a), _log_softmax(logits_b)
+    total = ((paddle.exp(log_p) - paddle.exp(log_q)) * (log_p - log_q)).sum()
+    if reduction == "batchmean":
+        return total / logits_a.shape[0]
+    if reduction == "mean":
+        return total / logits_a.numel().astype("float32")
+    return total
+
+
+def rdrop_logits(model, images, two_samples, concat_batch=True):
+    """Run `model` for R-Drop: two dropout samples of the logits, or one when `two_samples` is false.
+
+    With `concat_batch` the two samples come from one pass over the batch concatenated with itself:
+    dropout masks are drawn per element, so the two halves see independent masks, and one pass of 2B
+    images keeps the matrix multiplies larger than two passes of B.
+    """
+    if not two_samples:
+        return model(images), None
+    if concat_batch:
+        logits_a, logits_b = paddle.split(model(paddle.concat([images, images])), 2)
+        return logits_a, logits_b
+    return model(images), model(images)
+
+
+class RDropLoss:
+    """`criterion(logits_a, logits_b, labels)` -> {'loss', 'ce', 'kl'}; `logits_b=None` when alpha == 0."""
+
+    def __init__(self, alpha, kl_reduction="sum"):
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
+        self.alpha = alpha
+        self.kl_reduction = kl_reduction
+
+    @property
+    def needs_two_samples(self):
+        return self.alpha > 0
+
+    def __call__(self, logits_a, logits_b, labels):
+        ce = F.cross_entropy(logits_a.astype("float32"), labels)
+        if logits_b is None:
+            kl = paddle.zeros([], dtype="float32")
+        else:
+            ce = ce + F.cross_entropy(logits_b.astype("float32"), labels)
+            kl = symmetric_kl(logits_a, logits_b, self.kl_reduction)
+        return {"loss": ce + self.alpha * kl, "ce": ce, "kl": kl}

@@ -1,0 +1,37 @@
+"""Learning-rate schedules as functions of the optimizer step, scaled to the configured peak.
+
+`learning_rate(schedule_cfg, peak_lr, step)` is the learning rate used for the update of optimizer
+step `step` (0-based): linear warmup from 0 to the peak over `warmup_steps`, then cosine or linear decay
+to 0 at `total_steps` (or `constant`), exactly the schedules of the public R-Drop ViT code (whose first
+update, like ours, has learning rate 0).
+`WarmupDecay` wraps it as a Paddle LRScheduler, so the optimizer, the checkpoint and the logs all see
+the same absolute value: the existing Paddle port of this paper returned only the multiplier from
+`get_lr()`, which silently replaced its configured learning rate with 1.0 x the schedule.
+"""
+import math
+
+from paddle.optimizer.lr import LRScheduler
+
+
+def learning_rate(schedule_cfg, peak_lr, step):
+    warmup, total = schedule_cfg["warmup_steps"], schedule_cfg["total_steps"]
+    if step < warmup:
+        return peak_lr * step / warmup
+    if schedule_cfg["name"] == "constant":
+        return peak_lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule_cfg["name"] == "warmup_cosine":
+        return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak_lr * (1.0 - progress)
+
+
+class WarmupDecay(LRScheduler):
+    """Paddle scheduler over `learning_rate`; `step()` once per optimizer step, after the update."""
+
+    def __init__(self, schedule_cfg, peak_lr):
+        self.schedule_cfg = dict(schedule_cfg)
+        self.peak_lr = peak_lr
+        super().__init__(learning_rate=peak_lr, last_epoch=-1)
+
+    def get_lr(self):
+        return learning_rate(self.schedule_cfg, self.peak_lr, self.last_epoch)

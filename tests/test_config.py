@@ -1,0 +1,114 @@
+"""The config system: inheritance, overrides, validation messages, and the README's key table."""
+import pathlib
+
+import pytest
+import yaml
+
+from rdrop import config
+from rdrop.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_fill_every_key_of_a_minimal_file(tmp_path):
+    loaded = config.load(write(tmp_path / "c.yaml", "optimizer:\n  lr: 0.5\n"))
+    assert loaded["optimizer"]["lr"] == 0.5
+    assert loaded["optimizer"]["momentum"] == config.SCHEMA["optimizer"]["momentum"].default
+    assert set(loaded) == set(config.SCHEMA)
+    for section, keys in config.SCHEMA.items():
+        assert set(loaded[section]) == set(keys)
+
+
+def test_base_files_are_deep_merged_relative_to_the_child(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "grand.yaml", "model:\n  name: vit_s16\n  dropout: 0.2\ntrain:\n  seed: 3\n")
+    write(tmp_path / "sub" / "base.yaml", "_base_: grand.yaml\nmodel:\n  dropout: 0.3\n")
+    child = write(tmp_path / "sub" / "child.yaml", "_base_: base.yaml\ntrain:\n  seed: 4\n")
+    loaded = config.load(child)
+    assert loaded["model"]["name"] == "vit_s16"
+    assert loaded["model"]["dropout"] == 0.3
+    assert loaded["train"]["seed"] == 4
+
+
+def test_a_list_of_bases_merges_in_order(tmp_path):
+    write(tmp_path / "a.yaml", "train:\n  seed: 1\n  log_every: 7\n")
+    write(tmp_path / "b.yaml", "train:\n  seed: 2\n")
+    loaded = config.load(write(tmp_path / "c.yaml", "_base_: [a.yaml, b.yaml]\n"))
+    assert (loaded["train"]["seed"], loaded["train"]["log_every"]) == (2, 7)
+
+
+def test_inheritance_cycle_is_reported(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(UserError, match="cycle"):
+        config.load(str(tmp_path / "a.yaml"))
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    path = write(tmp_path / "c.yaml", "")
+    loaded = config.load(path, ["data.crop_scale=[0.5,1.0]", "optimizer.lr=1e-3", "model.pretrained=null",
+                                "train.output_dir=runs/x", "rdrop.concat_batch=false"])
+    assert loaded["data"]["crop_scale"] == [0.5, 1.0]
+    assert loaded["optimizer"]["lr"] == 0.001
+    assert loaded["model"]["pretrained"] is None
+    assert loaded["train"]["output_dir"] == "runs/x"
+    assert loaded["rdrop"]["concat_batch"] is False
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optimizer.lr", "section.key=value"),
+    ("lr=3", "section.key=value"),
+    ("optimizer.lr=[1,", "not valid YAML"),
+])
+def test_malformed_overrides(tmp_path, override, expected):
+    with pytest.raises(UserError, match=expected):
+        config.load(write(tmp_path / "c.yaml", ""), [override])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("optimizer:\n  learning_rate: 0.1\n", "Unknown key 'optimizer.learning_rate'"),
+    ("optimiser:\n  lr: 0.1\n", "Did you mean 'optimizer'"),
+    ("model:\n  dropuot: 0.1\n", "Did you mean 'model.dropout'"),
+    ("optimizer:\n  lr: -0.1\n", r"Invalid value -0.1 for 'optimizer.lr'.*\(0, inf\)"),
+    ("optimizer:\n  lr: '0.1'\n", "Invalid value '0.1' for 'optimizer.lr'"),
+    ("data:\n  crop_scale: [0.0, 1.0]\n", "'data.crop_scale'.*0 < min <= max <= 1"),
+    ("data:\n  crop_scale: [0.5, 1.5]\n", "'data.crop_scale'"),
+    ("train:\n  micro_batch_size: 0\n", "'train.micro_batch_size'.*integer >= 1"),
+    ("train:\n  global_batch_size: 8.5\n", "'train.global_batch_size'"),
+    ("train:\n  amp: fp8\n", "'train.amp'.*one of none, bf16, fp16"),
+    ("model:\n  dropout: 1.0\n", r"'model.dropout'.*\[0, 1\)"),
+    ("rdrop:\n  alpha: .nan\n", "'rdrop.alpha'"),
+    ("model: 3\n", "Section 'model'.*must be a mapping"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("model:\n  name: [unclosed\n", "not valid YAML"),
+    ("model: !!python/object/apply:os.system ['true']\n", "YAML tag"),
+])
+def test_bad_files_name_the_problem(tmp_path, text, expected):
+    with pytest.raises(UserError, match=expected):
+        config.load(write(tmp_path / "c.yaml", text))
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        config.load(str(tmp_path / "nope.yaml"))
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    loaded = config.load(write(tmp_path / "c.yaml", "model:\n  name: vit_s16\n"), ["train.seed=9"])
+    config.save(loaded, tmp_path / "resolved.yaml")
+    assert config.load(str(tmp_path / "resolved.yaml")) == loaded
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text()) == loaded
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    config.load(str(path))
+
+
+def test_readme_documents_every_key_exactly_as_the_schema():
+    assert config.reference_table() in (ROOT / "README.md").read_text()
