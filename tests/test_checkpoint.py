@@ -1,0 +1,138 @@
+"""Checkpoints: atomic writes, pruning, resume resolution, strict restores and the output-folder guard."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import paddle
+import pytest
+
+from rdrop import checkpoint
+from rdrop.errors import UserError
+
+
+def small_states(value):
+    model_state = {"w": paddle.full([2, 3], float(value))}
+    optimizer_state = {"velocity": paddle.full([2, 3], float(value) / 10)}
+    return model_state, optimizer_state
+
+
+def train_cfg(output_dir, **changes):
+    cfg = {"output_dir": str(output_dir), "resume": None, "overwrite": False}
+    cfg.update(changes)
+    return cfg
+
+
+def test_save_load_round_trip_and_pruning(tmp_path):
+    for step in (10, 20, 30):
+        checkpoint.save(str(tmp_path), step, *small_states(step), {"data": {"epoch": step}}, keep=2)
+    assert [step for step, _ in checkpoint.list_checkpoints(str(tmp_path))] == [20, 30]
+    model_state, optimizer_state, trainer_state = checkpoint.load(str(tmp_path / "checkpoints" / "step_30"))
+    np.testing.assert_array_equal(model_state["w"].numpy(), np.full([2, 3], 30.0))
+    np.testing.assert_allclose(optimizer_state["velocity"].numpy(), np.full([2, 3], 3.0))
+    assert trainer_state == {"data": {"epoch": 30}, "step": 30}
+
+
+def test_auto_resume_picks_the_newest_complete_checkpoint(tmp_path):
+    checkpoint.save(str(tmp_path), 5, *small_states(5), {}, keep=3)
+    checkpoint.save(str(tmp_path), 7, *small_states(7), {}, keep=3)
+    (tmp_path / "checkpoints" / ".step_9.partial").mkdir()
+    (tmp_path / "checkpoints" / "step_11").mkdir()  # no trainer_state.json: not complete
+    assert checkpoint.resolve_resume(train_cfg(tmp_path, resume="auto")).endswith("step_7")
+    assert checkpoint.resolve_resume(train_cfg(tmp_path / "empty", resume="auto")) is None
+
+
+def test_failure_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpoint.save(str(tmp_path), 1, *small_states(1), {}, keep=2)
+    real_save, calls = paddle.save, []
+
+    def failing_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(paddle, "save", failing_save)
+    with pytest.raises(UserError, match="No space left on device.*previous checkpoints are intact"):
+        checkpoint.save(str(tmp_path), 2, *small_states(2), {}, keep=2)
+    assert [step for step, _ in checkpoint.list_checkpoints(str(tmp_path))] == [1]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_1"]
+
+
+def test_process_killed_halfway_through_a_save_leaves_no_complete_looking_checkpoint(tmp_path):
+    checkpoint.save(str(tmp_path), 1, *small_states(1), {}, keep=2)
+    script = textwrap.dedent(f"""
+        import os, paddle
+        from rdrop import checkpoint
+        real_save = paddle.save
+        def dying_save(obj, path, *args, **kwargs):
+            real_save(obj, path, *args, **kwargs)
+            os._exit(9)  # as if SIGKILLed right after the first file of the new checkpoint
+        paddle.save = dying_save
+        checkpoint.save({str(tmp_path)!r}, 2, {{"w": paddle.ones([2])}}, {{}}, {{}}, keep=2)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 9
+    assert checkpoint.resolve_resume(train_cfg(tmp_path, resume="auto")).endswith("step_1")
+    checkpoint.save(str(tmp_path), 2, *small_states(2), {}, keep=2)  # the leftover partial folder is replaced
+    assert [step for step, _ in checkpoint.list_checkpoints(str(tmp_path))] == [1, 2]
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="Could not write checkpoint"):
+        checkpoint.save(str(blocker), 1, *small_states(1), {}, keep=1)
+
+
+def test_best_weights_are_replaced_atomically(tmp_path):
+    checkpoint.save_best(str(tmp_path), {"w": paddle.ones([2])}, {"top1": 50.0})
+    checkpoint.save_best(str(tmp_path), {"w": paddle.full([2], 2.0)}, {"top1": 60.0})
+    assert json.loads((tmp_path / "best.json").read_text()) == {"top1": 60.0}
+    np.testing.assert_array_equal(paddle.load(str(tmp_path / "best.pdparams"))["w"].numpy(), [2.0, 2.0])
+    assert sorted(os.listdir(tmp_path)) == ["best.json", "best.pdparams"]
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    ("missing_state", "trainer_state.json' is missing"),
+    ("corrupt_model", "model.pdparams' cannot be read"),
+])
+def test_broken_checkpoints_are_user_errors(tmp_path, breakage, expected):
+    path = checkpoint.save(str(tmp_path), 3, *small_states(3), {}, keep=1)
+    if breakage == "missing_state":
+        os.remove(os.path.join(path, "trainer_state.json"))
+    else:
+        with open(os.path.join(path, "model.pdparams"), "wb") as stream:
+            stream.write(b"\x00garbage")
+    with pytest.raises(UserError, match=expected):
+        checkpoint.load(path)
+
+
+def test_not_a_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="is not a folder"):
+        checkpoint.load(str(tmp_path / "nothing"))
+
+
+def test_restore_model_names_missing_unexpected_and_mismatched_keys():
+    model = paddle.nn.Linear(4, 10)
+    state = {"weight": paddle.zeros([4, 100]), "extra": paddle.zeros([1])}
+    with pytest.raises(UserError) as error:
+        checkpoint.restore_model(model, state, "ckpt")
+    message = str(error.value)
+    assert "missing bias" in message and "unexpected extra" in message
+    assert "weight: checkpoint (4, 100) vs model (4, 10)" in message
+    good = {"weight": paddle.ones([4, 10]), "bias": paddle.ones([10])}
+    checkpoint.restore_model(model, good, "ckpt")
+    np.testing.assert_array_equal(model.weight.numpy(), np.ones([4, 10]))
+
+
+def test_a_new_run_never_overwrites_another_runs_checkpoints(tmp_path):
+    checkpoint.save(str(tmp_path), 4, *small_states(4), {}, keep=1)
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        checkpoint.claim_output_dir(train_cfg(tmp_path))
+    checkpoint.claim_output_dir(train_cfg(tmp_path, resume="auto"))
+    assert checkpoint.list_checkpoints(str(tmp_path))
+    checkpoint.claim_output_dir(train_cfg(tmp_path, overwrite=True))
+    assert checkpoint.list_checkpoints(str(tmp_path)) == []
