@@ -148,6 +148,32 @@ def restore_model(model, state, source):
     model.set_state_dict(state)
 
 
+def _rename_keys(state, renames):
+    """Rename `old` -> `new` where a key is `old`, or starts with `old_` (Paddle's accumulator names)."""
+    ordered = sorted(renames.items(), key=lambda item: -len(item[0]))
+    renamed = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            value = _rename_keys(value, renames)
+        for old, new in ordered:
+            if key == old or key.startswith(old + "_"):
+                key = new + key[len(old):]
+                break
+        renamed[key] = value
+    return renamed
+
+
+def portable_optimizer_state(optimizer, model):
+    """The optimizer state keyed by parameter paths (`blocks.0.attn.qkv.weight_velocity_0`) instead of
+    Paddle's generated names (`linear_7.w_0_velocity_0`), which depend on how many layers the process
+    built before: a checkpoint then loads into any process that builds the same model."""
+    return _rename_keys(optimizer.state_dict(), {p.name: path for path, p in model.named_parameters()})
+
+
+def restore_optimizer(optimizer, model, portable_state):
+    optimizer.set_state_dict(_rename_keys(portable_state, {path: p.name for path, p in model.named_parameters()}))
+
+
 def resolve_resume(train_cfg):
     """The checkpoint folder to resume from, or None for a fresh start."""
     resume, output_dir = train_cfg["resume"], train_cfg["output_dir"]

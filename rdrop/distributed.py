@@ -6,6 +6,7 @@ small tensors, so they work the same over NCCL on GPUs and gloo on CPUs.
 """
 import contextlib
 import logging
+import os
 
 import numpy as np
 import paddle
@@ -16,19 +17,21 @@ logger = logging.getLogger(__name__)
 
 
 class Context:
-    """This process's place in the job: `rank`, `world_size`, and `is_main` (rank 0, the only writer)."""
+    """This process's place in the job: `rank`, `world_size`, `is_main` (rank 0, the only writer) and
+    `is_node_main` (the first process on its machine, which fills per-machine caches)."""
 
-    def __init__(self, rank, world_size):
+    def __init__(self, rank, world_size, local_rank=0):
         self.rank = rank
         self.world_size = world_size
         self.is_main = rank == 0
+        self.is_node_main = local_rank == 0
 
 
 def init():
     """Join the collective job when the launcher started several processes; returns the Context."""
     if dist.get_world_size() > 1:
         fleet.init(is_collective=True)
-    return Context(dist.get_rank(), dist.get_world_size())
+    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("PADDLE_LOCAL_RANK", "0")))
 
 
 def wrap(model, optimizer, context):
@@ -48,6 +51,11 @@ def no_sync(model, context):
     if context.world_size == 1:
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def barrier(context):
+    if context.world_size > 1:
+        dist.barrier()
 
 
 def all_reduce_sum(tensor, context):

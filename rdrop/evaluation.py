@@ -10,18 +10,18 @@ import paddle
 import paddle.nn.functional as F
 
 from rdrop import distributed
+from rdrop.loss import symmetric_kl
 from rdrop.precision import autocast
 
 
 @contextlib.contextmanager
-def _eval_mode(model):
+def _mode(model, training):
     was_training = model.training
-    model.eval()
+    model.train() if training else model.eval()
     try:
         yield
     finally:
-        if was_training:
-            model.train()
+        model.train() if was_training else model.eval()
 
 
 @paddle.no_grad()
@@ -32,7 +32,7 @@ def evaluate(model, loader, batch_transform, num_classes, context, amp="none"):
     top5_sum = paddle.zeros([1], dtype="float64")
     count_per_class = paddle.zeros([num_classes], dtype="float64")
     k = min(5, num_classes)
-    with _eval_mode(model):
+    with _mode(model, training=False):
         for images, labels in loader:
             labels = labels.reshape([-1]).astype("int64")
             with autocast(amp):
@@ -58,3 +58,27 @@ def evaluate(model, loader, batch_transform, num_classes, context, amp="none"):
         "num_samples": num_samples,
         "per_class": [100.0 * float(c) / n if n else None for c, n in zip(top1_per_class, count_per_class)],
     }
+
+
+@paddle.no_grad()
+def dropout_consistency(model, loader, batch_transform, samples, context):
+    """How far `samples` dropout passes stray from the deterministic (dropout-off) prediction.
+
+    This is the train/inference inconsistency R-Drop is meant to reduce: the mean symmetric KL per
+    image between each dropout pass and the deterministic pass, and the percentage of dropout passes
+    whose top-1 class differs from the deterministic one.
+    """
+    totals = paddle.zeros([3], dtype="float64")
+    for images, labels in loader:
+        images = batch_transform(images)
+        with _mode(model, training=False):
+            reference = model(images).astype("float32")
+        with _mode(model, training=True):
+            for _ in range(samples):
+                sampled = model(images).astype("float32")
+                changed = (sampled.argmax(-1) != reference.argmax(-1)).astype("float64").sum()
+                kl = symmetric_kl(sampled, reference, "sum").astype("float64")
+                totals += paddle.stack([kl, changed, paddle.to_tensor(float(len(labels)), dtype="float64")])
+    kl, changed, passes = distributed.all_reduce_sum(totals, context).numpy()
+    passes = max(passes, 1.0)
+    return {"samples": samples, "symmetric_kl": float(kl / passes), "disagreement": 100.0 * float(changed / passes)}

@@ -30,12 +30,14 @@ def build(optimizer_cfg, schedule_cfg, model):
     return optimizer, scheduler
 
 
+@paddle.no_grad()
 def global_grad_norm(parameters):
     """sqrt of the sum of squared gradients over all parameters, in float32, as a 0-d tensor."""
     squares = [paddle.sum(paddle.square(p.grad.astype("float32"))) for p in parameters if p.grad is not None]
     return paddle.sqrt(paddle.add_n(squares))
 
 
+@paddle.no_grad()
 def clip_grads_(parameters, grad_norm, max_norm):
     """Scale all gradients in place so that their global norm is at most `max_norm`."""
     scale = paddle.clip(max_norm / (grad_norm + 1e-6), max=1.0)

@@ -1,0 +1,71 @@
+"""Which images each rank reads: an endless, sharded, reshuffled training order and exact eval shards.
+
+Training: epoch e visits the training set in the permutation drawn from (train.seed, e), the same
+on every rank and for every world size. Global micro-step s takes the next world_size *
+micro_batch_size images of it and rank r the r-th slice of micro_batch_size, so the ranks read
+disjoint shards, all run the same number of micro-batches, and step s covers the same images
+whatever the world size. The tail that does not fill a whole global micro-step is dropped (it is a
+different tail every epoch). A position is (epoch, micro-batches already taken in that epoch).
+
+Evaluation: rank r gets a contiguous block of the split; blocks differ in size by at most one and
+together cover every image exactly once, with no padding.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from data.seeding import Purpose, derived_rng
+
+
+def epoch_permutation(seed, epoch, num_images):
+    return derived_rng(seed, Purpose.EPOCH_ORDER, epoch).permutation(num_images)
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+    def advanced(self, batches, batches_per_epoch):
+        total = self.batches_in_epoch + batches
+        return StreamPosition(self.epoch + total // batches_per_epoch, total % batches_per_epoch)
+
+
+class TrainBatchSampler:
+    """Endless batch sampler for one rank: yields lists of (epoch, index) keys from `start` on."""
+
+    def __init__(self, num_images, seed, rank, world_size, micro_batch_size, start=StreamPosition()):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.num_images = num_images
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.micro_batch_size = micro_batch_size
+        self.start = start
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{num_images} images do not fill one step of {self.images_per_step}")
+
+    @property
+    def images_per_step(self):
+        return self.world_size * self.micro_batch_size
+
+    @property
+    def batches_per_epoch(self):
+        return self.num_images // self.images_per_step
+
+    def __iter__(self):
+        epoch, first_batch = self.start.epoch, self.start.batches_in_epoch
+        while True:
+            order = epoch_permutation(self.seed, epoch, self.num_images)
+            for step in range(first_batch, self.batches_per_epoch):
+                begin = step * self.images_per_step + self.rank * self.micro_batch_size
+                yield [(epoch, int(index)) for index in order[begin : begin + self.micro_batch_size]]
+            epoch, first_batch = epoch + 1, 0
+
+
+def eval_shard(num_images, rank, world_size):
+    """The indices rank `rank` evaluates: a contiguous block, sizes differing by at most one."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    return range(rank * num_images // world_size, (rank + 1) * num_images // world_size)

@@ -1,0 +1,98 @@
+"""Host-side image transforms of the R-Drop ViT recipe, on one uint8 CHW image at a time.
+
+Train: random resized crop (area fraction in `data.crop_scale`, aspect ratio log-uniform in
+[3/4, 4/3], torchvision/Paddle algorithm), bilinear resize to `model.img_size`, no flip; eval: the
+whole image resized the same way. Both then map [0, 255] to [-1, 1] (mean 0.5, std 0.5 on [0, 1]).
+
+`sample_crop_box` also serves the device path, which draws its crops on the host from the same
+per-sample generator, so the two paths see the same crops for the same seed.
+
+Resampling geometry (shared with `data.device_transform`, whose tests pin the two together):
+output pixel o of a crop [start, start + length) along an axis of `in_size` pixels samples the
+source at pixel-centre coordinate start + (o + 0.5) * length / out_size - 0.5, clamped to
+[0, in_size - 1], with linear interpolation. For a whole-image box this is exactly bilinear resize
+with half-pixel centres (`align_corners=False`). Unlike PIL, which crops first, a crop's edge
+samples may blend in up to half a pixel of the neighbouring image content; there is no
+anti-aliasing when shrinking (the recipe only enlarges 32x32 images).
+"""
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+MEAN = 0.5
+STD = 0.5
+RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+CROP_ATTEMPTS = 10
+
+
+class CropBox(NamedTuple):
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def whole_image_box(height, width):
+    return CropBox(0, 0, height, width)
+
+
+def sample_crop_box(rng, height, width, scale, ratio=RATIO_RANGE, attempts=CROP_ATTEMPTS):
+    """A random crop box, drawn from the same distribution as torchvision's / Paddle's
+    RandomResizedCrop: up to `attempts` tries of an area uniform in scale * image area and a
+    log-uniform aspect ratio (width / height), accepting the first that fits; else a centre crop
+    of the whole image clamped to the ratio range."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(attempts):
+        target_area = rng.uniform(scale[0], scale[1]) * area
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        crop_width = int(round(math.sqrt(target_area * aspect)))
+        crop_height = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = int(rng.integers(0, height - crop_height + 1))
+            left = int(rng.integers(0, width - crop_width + 1))
+            return CropBox(top, left, crop_height, crop_width)
+    image_ratio = width / height
+    if image_ratio < ratio[0]:
+        crop_width, crop_height = width, int(round(width / ratio[0]))
+    elif image_ratio > ratio[1]:
+        crop_width, crop_height = int(round(height * ratio[1])), height
+    else:
+        crop_width, crop_height = width, height
+    return CropBox((height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width)
+
+
+def sampling_taps(start, length, in_size, out_size):
+    """Per output pixel along one axis: the two source pixels to blend and the upper one's weight
+    (see the module doc for the geometry)."""
+    source = start + (np.arange(out_size) + 0.5) * (length / out_size) - 0.5
+    source = np.clip(source, 0.0, in_size - 1)
+    lower = np.floor(source).astype(np.intp)
+    upper = np.minimum(lower + 1, in_size - 1)
+    return lower, upper, (source - lower).astype(np.float32)
+
+
+def normalize(pixels):
+    """uint8 (or float 0..255) -> float32 in [-1, 1]."""
+    return (pixels.astype(np.float32) / 255.0 - MEAN) / STD
+
+
+def resized_crop(image, box, out_size):
+    """uint8 CHW image -> float32 CHW normalised crop `box` resized to out_size x out_size."""
+    _, height, width = image.shape
+    row_low, row_high, row_weight = sampling_taps(box.top, box.height, height, out_size)
+    col_low, col_high, col_weight = sampling_taps(box.left, box.width, width, out_size)
+    # Bilinear sampling of an axis-aligned box is separable. Gathers instead of interpolation
+    # matrices: small multithreaded BLAS calls in many loader workers oversubscribe the cores (5x
+    # slower than one thread here). Columns first, on the small image, so the full-size step
+    # gathers whole contiguous rows; in place, because this step dominates the cost.
+    pixels = normalize(image)
+    low = pixels[:, :, col_low]
+    columns = low + (pixels[:, :, col_high] - low) * col_weight
+    out = columns[:, row_low, :]
+    blend = columns[:, row_high, :]
+    blend -= out
+    blend *= row_weight[:, None]
+    out += blend
+    return out

@@ -1,0 +1,106 @@
+"""Write small CIFAR-100 archives in the official `cifar-100-python.tar.gz` format for tests.
+
+The official archive is a gzip tar with members `cifar-100-python/{train,test,meta}`, each a pickle
+(protocol 2, bytes keys) holding `b'data'` (N x 3072 uint8, channel-major: the R, G and B planes of
+a 32x32 image), `b'fine_labels'`, `b'coarse_labels'`, `b'filenames'` and `b'batch_label'`; `meta`
+holds `b'fine_label_names'` and `b'coarse_label_names'`. The content is a pure function of
+(num_train, num_test, seed, num_classes), so tests can compare what the data package returns with
+`cifar100_arrays(...)`. Keyword knobs produce the broken archives the error-path tests need.
+"""
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = "cifar-100-python"
+SPLITS = ("train", "test")
+
+
+def fine_label_names(num_classes):
+    return [f"fine_{i:03d}" for i in range(num_classes)]
+
+
+def cifar100_arrays(num_train, num_test, seed=0, num_classes=100):
+    """{"train": (images, labels), "test": (images, labels)}: images uint8 N x 3 x 32 x 32.
+
+    Labels cycle through the classes (then shuffled), so every class has within one image of the
+    same count, which the class-balance tests of the validation split rely on.
+    """
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(SPLITS, (num_train, num_test)):
+        images = rng.integers(0, 256, size=(count, 3, 32, 32), dtype=np.uint8)
+        labels = rng.permutation(np.arange(count) % num_classes).astype(np.int64)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def _pickled_batch(split, images, labels):
+    count = len(labels)
+    batch = {
+        b"batch_label": f"{split} batch".encode(),
+        b"fine_labels": [int(label) for label in labels],
+        b"coarse_labels": [int(label) // 5 for label in labels],
+        b"filenames": [f"{split}_{i:05d}.png".encode() for i in range(count)],
+        b"data": images.reshape(count, 3 * 32 * 32),
+    }
+    return pickle.dumps(batch, protocol=2)
+
+
+def _pickled_meta(num_classes):
+    meta = {
+        b"fine_label_names": [name.encode() for name in fine_label_names(num_classes)],
+        b"coarse_label_names": [f"coarse_{i:02d}".encode() for i in range((num_classes + 4) // 5)],
+    }
+    return pickle.dumps(meta, protocol=2)
+
+
+def write_cifar100_archive(
+    path,
+    num_train,
+    num_test,
+    seed=0,
+    num_classes=100,
+    *,
+    omit_members=(),
+    label_overrides=None,
+    truncate_to_bytes=None,
+    compresslevel=1,
+):
+    """Write the archive to `path` and return it as a Path.
+
+    omit_members: member basenames ("train", "test", "meta") to leave out.
+    label_overrides: {split: {index: label}} written instead of the generated labels (e.g. an
+        out-of-range label); `cifar100_arrays` still reports the generated ones.
+    truncate_to_bytes: cut the finished file to this many bytes (a truncated download).
+    """
+    path = Path(path)
+    arrays = cifar100_arrays(num_train, num_test, seed, num_classes)
+    members = {}
+    for split in SPLITS:
+        images, labels = arrays[split]
+        labels = labels.copy()
+        for index, label in (label_overrides or {}).get(split, {}).items():
+            labels[index] = label
+        members[split] = _pickled_batch(split, images, labels)
+    members["meta"] = _pickled_meta(num_classes)
+
+    with tarfile.open(path, "w:gz", compresslevel=compresslevel) as archive:
+        directory = tarfile.TarInfo(ROOT)
+        directory.type = tarfile.DIRTYPE
+        directory.mode = 0o755
+        archive.addfile(directory)
+        for name, payload in members.items():
+            if name in omit_members:
+                continue
+            info = tarfile.TarInfo(f"{ROOT}/{name}")
+            info.size = len(payload)
+            info.mode = 0o644
+            archive.addfile(info, io.BytesIO(payload))
+
+    if truncate_to_bytes is not None:
+        with open(path, "r+b") as handle:
+            handle.truncate(truncate_to_bytes)
+    return path

@@ -1,0 +1,126 @@
+"""Every way a user can hand the data package bad input ends in one UserError naming the culprit."""
+import os
+
+import paddle.dataset.common
+import pytest
+
+import data
+from cifar_archive import write_cifar100_archive
+from data_helpers import make_cfg
+from rdrop.errors import UserError
+
+
+def build_everything(cfg):
+    """What the trainer and the evaluator build; any of them may be the one that fails."""
+    data.TrainStream(cfg, 0, 1)
+    list(data.build_eval_loader(cfg, "test", 0, 1))
+
+
+def assert_user_error(cfg, *fragments, build=build_everything):
+    with pytest.raises(UserError) as caught:
+        build(cfg)
+    message = str(caught.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert str(fragment) in message
+    return message
+
+
+def small_archive(path, **knobs):
+    return write_cifar100_archive(path, num_train=30, num_test=10, num_classes=10, **knobs)
+
+
+def test_missing_data_file(tmp_path):
+    missing = tmp_path / "nowhere" / "cifar-100-python.tar.gz"
+    assert_user_error(make_cfg(missing), missing, "data.data_file", "does not exist")
+
+
+def test_data_file_is_a_directory(tmp_path):
+    assert_user_error(make_cfg(tmp_path), tmp_path, "directory")
+
+
+def test_missing_cache_file_with_download_disabled(tmp_path, monkeypatch):
+    monkeypatch.setattr(paddle.dataset.common, "DATA_HOME", str(tmp_path / "cache"))
+    expected_location = tmp_path / "cache" / "cifar" / "cifar-100-python.tar.gz"
+    assert_user_error(make_cfg(None, download=False), expected_location, "data.download")
+
+
+def test_cached_file_is_used_without_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(paddle.dataset.common, "DATA_HOME", str(tmp_path))
+    (tmp_path / "cifar").mkdir()
+    cached = small_archive(tmp_path / "cifar" / "cifar-100-python.tar.gz")
+    assert data.prepare_dataset(make_cfg(None, download=False)) == cached
+    assert data.TrainStream(make_cfg(None, download=False), 0, 1).num_images == 30
+
+
+def test_failed_download(tmp_path, monkeypatch):
+    def no_network(url, module_name, md5sum, save_name=None):
+        raise RuntimeError(f"Cannot download {url} within retry limit 3")
+
+    monkeypatch.setattr(paddle.dataset.common, "DATA_HOME", str(tmp_path))
+    monkeypatch.setattr(paddle.dataset.common, "download", no_network)
+    message = assert_user_error(make_cfg(None, download=True), tmp_path / "cifar" / "cifar-100-python.tar.gz")
+    assert "Cannot download" in message and "data.data_file" in message
+
+
+@pytest.mark.parametrize("keep_fraction", [0.02, 0.5, 0.97])
+def test_truncated_archive(tmp_path, keep_fraction):
+    full = small_archive(tmp_path / "full.tar.gz")
+    cut = small_archive(tmp_path / "cut.tar.gz", truncate_to_bytes=int(os.path.getsize(full) * keep_fraction))
+    assert_user_error(make_cfg(cut), cut, "truncated")
+
+
+def test_file_that_is_not_an_archive(tmp_path):
+    garbage = tmp_path / "cifar-100-python.tar.gz"
+    garbage.write_bytes(os.urandom(5000))
+    assert_user_error(make_cfg(garbage), garbage)
+
+
+@pytest.mark.parametrize("member", ["train", "test"])
+def test_archive_without_a_split(tmp_path, member):
+    path = small_archive(tmp_path / "a.tar.gz", omit_members=(member,))
+    assert_user_error(make_cfg(path), path, f"cifar-100-python/{member}")
+
+
+@pytest.mark.parametrize("split,label", [("train", 10), ("test", -1), ("train", 99)])
+def test_labels_outside_num_classes(tmp_path, split, label):
+    path = small_archive(tmp_path / "a.tar.gz", label_overrides={split: {3: label}})
+    assert_user_error(make_cfg(path), path, "model.num_classes", f"label {label} at index 3")
+
+
+def test_digits_with_too_few_classes():
+    assert_user_error(make_cfg(None, dataset="digits", num_classes=5), "load_digits", "model.num_classes")
+
+
+def test_validation_split_larger_than_the_training_set(tmp_path):
+    path = small_archive(tmp_path / "a.tar.gz")
+    assert_user_error(make_cfg(path, val_size=30), path, "data.val_size is 30", "30 images")
+
+
+def test_validation_split_requested_but_disabled(tmp_path):
+    path = small_archive(tmp_path / "a.tar.gz")
+    assert_user_error(make_cfg(path), "data.val_size", build=lambda cfg: data.build_eval_loader(cfg, "val", 0, 1))
+
+
+def test_training_set_smaller_than_one_global_step(tmp_path):
+    path = small_archive(tmp_path / "a.tar.gz")
+    cfg = make_cfg(path, micro_batch_size=8, val_size=20)
+    two_ranks = lambda cfg: data.TrainStream(cfg, 0, 2)  # noqa: E731
+    assert_user_error(cfg, path, "train.micro_batch_size", "10 images", build=two_ranks)
+
+
+def test_resume_state_from_another_training_set(tmp_path):
+    path = small_archive(tmp_path / "a.tar.gz")
+    stream = data.TrainStream(make_cfg(path, val_size=5), 0, 1)
+    state = {"epoch": 1, "batches_in_epoch": 2, "images_per_step": 4, "num_images": 30}
+    with pytest.raises(UserError, match="30 images.*25"):
+        stream.set_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "state", [{}, {"epoch": -1, "batches_in_epoch": 0}, {"epoch": "x", "batches_in_epoch": 0}, None]
+)
+def test_malformed_resume_state(tmp_path, state):
+    stream = data.TrainStream(make_cfg(small_archive(tmp_path / "a.tar.gz")), 0, 1)
+    with pytest.raises(UserError, match="malformed"):
+        stream.set_state_dict(state)

@@ -1,0 +1,225 @@
+"""Fine-tune a Vision Transformer with R-Drop.
+
+    python train.py --config configs/quickstart.yaml [-o section.key=value ...]
+    python -m paddle.distributed.launch --devices 0,1,2,3 train.py --config configs/vit_b16_cifar100_rdrop.yaml
+    python -m paddle.distributed.launch --nproc_per_node 2 train.py --config ...    (several CPU processes)
+
+Each optimizer step sees `train.global_batch_size` images however many devices run: every rank
+accumulates gradients over micro-batches of `train.micro_batch_size` and the ranks' gradients are
+averaged. Each micro-batch goes through the model twice with independent dropout masks (one pass over
+the doubled batch) and the loss is CE + CE + alpha * symmetric KL (see rdrop/loss.py).
+"""
+import argparse
+import contextlib
+import logging
+import math
+import os
+import time
+
+os.environ.setdefault("GLOG_minloglevel", "2")  # keep Paddle's C++ info lines out of the console
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+import data  # noqa: E402
+import models  # noqa: E402
+from rdrop import (RDropLoss, checkpoint, config, distributed, evaluation, logs, optim, precision,  # noqa: E402
+                   rdrop_logits, runtime)
+from rdrop.errors import UserError, exit_on_user_error  # noqa: E402
+from rdrop.preemption import StopRequest  # noqa: E402
+
+logger = logging.getLogger("train")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file in configs/ (or your own)")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key; the value is parsed as YAML; repeatable")
+    return parser.parse_args(argv)
+
+
+def accumulation_steps(train_cfg, world_size):
+    per_step = train_cfg["micro_batch_size"] * world_size
+    if train_cfg["global_batch_size"] % per_step:
+        raise UserError(f"train.global_batch_size ({train_cfg['global_batch_size']}) must be a multiple of "
+                        f"train.micro_batch_size x devices ({train_cfg['micro_batch_size']} x {world_size} = "
+                        f"{per_step}). Change one of them so the division is exact.")
+    return train_cfg["global_batch_size"] // per_step
+
+
+def dropout_seed(seed, rank, step):
+    """Dropout masks of optimizer step `step` on `rank` depend on these three numbers only, so a resumed
+    run draws exactly the masks the uninterrupted run would have, with no RNG state to checkpoint."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 31 - 1)
+
+
+def hyperparameters(cfg):
+    """Flat section.key -> scalar view of the config for VisualDL's hparams table."""
+    flat = {}
+    for section, keys in cfg.items():
+        for name, value in keys.items():
+            scalar = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+            flat[f"{section}.{name}"] = value if scalar else str(value)
+    return flat
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = config.load(args.config, args.override)
+    train_cfg = cfg["train"]
+    runtime.configure_cpu(train_cfg["cpu_threads"])
+    context = distributed.init()
+    accumulation = accumulation_steps(train_cfg, context.world_size)
+    output_dir = train_cfg["output_dir"]
+    resume_from = checkpoint.resolve_resume(train_cfg)
+    if context.is_main:
+        checkpoint.claim_output_dir(train_cfg)
+        config.save(cfg, os.path.join(output_dir, "config.yaml"))
+    logs.setup(context, output_dir if context.is_main else None)
+    logger.info("%d process(es) x %d micro-batch(es) of %d = %d images per step; %d CPU threads per process",
+                context.world_size, accumulation, train_cfg["micro_batch_size"], train_cfg["global_batch_size"],
+                int(os.environ["OMP_NUM_THREADS"]))
+
+    # Model, optimizer, loss. Every rank builds the same initial weights; fleet broadcasts rank 0's anyway.
+    paddle.seed(train_cfg["seed"])
+    model = models.build_model(cfg["model"])
+    model.recompute = train_cfg["recompute"]
+    optimizer, scheduler = optim.build(cfg["optimizer"], cfg["schedule"], model)
+    scaler = precision.loss_scaler(train_cfg["amp"])
+    criterion = RDropLoss(cfg["rdrop"]["alpha"], cfg["rdrop"]["kl_reduction"])
+
+    # Data: an endless, sharded, resumable stream of training micro-batches, and the selection split.
+    if context.is_node_main:
+        data.prepare_dataset(cfg)  # one download per machine, not one per process into the same file
+    distributed.barrier(context)
+    stream = data.TrainStream(cfg, context.rank, context.world_size)
+    train_transform = data.build_batch_transform(cfg, train=True)
+    eval_transform = data.build_batch_transform(cfg, train=False)
+    selection_split = "val" if cfg["data"]["val_size"] else "test"
+    selection_loader = data.build_eval_loader(cfg, selection_split, context.rank, context.world_size)
+    logger.info("Model selection on the %s split (%s)", selection_split,
+                "held out from training" if selection_split == "val" else
+                "set data.val_size to select on held-out training images instead")
+
+    step, best, bad_steps = 0, None, 0
+    if resume_from is not None:
+        model_state, optimizer_state, trainer_state = checkpoint.load(resume_from)
+        checkpoint.restore_model(model, model_state, resume_from)
+        checkpoint.restore_optimizer(optimizer, model, optimizer_state)
+        scaler.load_state_dict(trainer_state["loss_scaler"])
+        stream.set_state_dict(trainer_state["data"])
+        step, best = trainer_state["step"], trainer_state["best"]
+        logger.info("Resumed from %s at step %d", resume_from, step)
+    ddp_model, optimizer = distributed.wrap(model, optimizer, context)
+    parameters = [p for p in model.parameters() if not p.stop_gradient]
+    writer = logs.MetricsWriter(context, output_dir)
+    stop = StopRequest().install()
+
+    def save_checkpoint():
+        if context.is_main:
+            checkpoint.save(output_dir, step, model.state_dict(), checkpoint.portable_optimizer_state(optimizer, model),
+                            {"data": stream.state_dict(), "best": best, "loss_scaler": scaler.state_dict()},
+                            keep=train_cfg["keep_checkpoints"])
+
+    def evaluate_and_select():
+        nonlocal best
+        metrics = evaluation.evaluate(ddp_model, selection_loader, eval_transform, cfg["model"]["num_classes"],
+                                      context, train_cfg["amp"])
+        checksums = distributed.parameter_checksums(model, context)
+        drift = float(np.max(np.abs(checksums - checksums[0])))
+        logger.info("eval step %d on %s: top1 %.2f  top5 %.2f  loss %.4f  (%d images; parameter checksum "
+                    "%.6e, max drift across ranks %.3e)", step, selection_split, metrics["top1"], metrics["top5"],
+                    metrics["loss"], metrics["num_samples"], checksums[0], drift)
+        writer.scalars("eval", {k: metrics[k] for k in ("top1", "top5", "loss")}, step)
+        improved = math.isfinite(metrics["loss"]) and (best is None or metrics["top1"] > best["top1"])
+        if improved:
+            best = {"step": step, "split": selection_split, **{k: metrics[k] for k in ("top1", "top5", "loss")}}
+            if context.is_main:
+                checkpoint.save_best(output_dir, model.state_dict(), best)
+        return metrics
+
+    # The loop. Host reads happen on logging steps, plus one flag per step: were the gradients finite,
+    # and was any rank asked to stop (both decide what every rank does next, so they must agree).
+    total_steps = cfg["schedule"]["total_steps"]
+    window = {name: paddle.zeros([], dtype="float32") for name in ("loss", "ce", "kl")}
+    window_start, window_steps = time.perf_counter(), 0
+    ddp_model.train()
+    while step < total_steps:
+        paddle.seed(dropout_seed(train_cfg["seed"], context.rank, step))
+        for micro_step in range(accumulation):
+            images, labels = next(stream)
+            images = train_transform(images)
+            last = micro_step == accumulation - 1
+            with contextlib.nullcontext() if last else distributed.no_sync(ddp_model, context):
+                with precision.autocast(train_cfg["amp"]):
+                    logits_a, logits_b = rdrop_logits(ddp_model, images, criterion.needs_two_samples,
+                                                      cfg["rdrop"]["concat_batch"])
+                losses = criterion(logits_a, logits_b, labels)
+                scaler.scale(losses["loss"] / accumulation).backward()
+            for name in window:
+                window[name] += losses[name].detach() / accumulation
+        scaler.unscale_(optimizer)
+        grad_norm = optim.global_grad_norm(parameters)
+        if cfg["optimizer"]["grad_clip"] is not None:
+            optim.clip_grads_(parameters, grad_norm, cfg["optimizer"]["grad_clip"])
+        control = paddle.stack([(~paddle.isfinite(grad_norm)).astype("float32"),
+                                paddle.full([], float(stop.requested), dtype="float32")])
+        nonfinite, stop_requested = distributed.all_reduce_max(control, context).tolist()
+        if not nonfinite or scaler.is_enable():
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.clear_grad()
+        lr = scheduler.get_lr()
+        scheduler.step()
+        step += 1
+        window_steps += 1
+        if nonfinite:
+            bad_steps += 1
+            logger.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", step, bad_steps)
+            if bad_steps >= train_cfg["max_bad_steps"]:
+                raise UserError(f"Training diverged: {bad_steps} consecutive steps had a non-finite loss or "
+                                f"gradient (train.max_bad_steps). Lower optimizer.lr, keep optimizer.grad_clip "
+                                f"on, or use amp bf16 instead of fp16; resume from the last checkpoint.")
+        else:
+            bad_steps = 0
+
+        if step % train_cfg["log_every"] == 0 or step == total_steps:
+            values = {name: float(total) / window_steps for name, total in window.items()}
+            values.update(lr=lr, grad_norm=float(grad_norm))
+            elapsed = time.perf_counter() - window_start
+            img_per_s = window_steps * train_cfg["global_batch_size"] / elapsed
+            eta = (total_steps - step) * elapsed / window_steps
+            logger.info(logs.progress_line(step, total_steps, values, img_per_s, eta))
+            writer.scalars("train", dict(values, img_per_s=img_per_s), step)
+            window = {name: paddle.zeros([], dtype="float32") for name in window}
+            window_start, window_steps = time.perf_counter(), 0
+        if (train_cfg["eval_every"] and step % train_cfg["eval_every"] == 0) or step == total_steps:
+            evaluate_and_select()
+        if (train_cfg["save_every"] and step % train_cfg["save_every"] == 0) or step == total_steps or stop_requested:
+            save_checkpoint()
+        if stop_requested:
+            logger.info("Stopped by %s at step %d; checkpoint saved. Resume with -o train.resume=auto.",
+                        stop.signal_name or "a signal on another rank", step)
+            break
+
+    stream.close()
+    if stop_requested:
+        writer.close()
+        return
+    if selection_split == "val":
+        test_loader = data.build_eval_loader(cfg, "test", context.rank, context.world_size)
+        test = evaluation.evaluate(ddp_model, test_loader, eval_transform, cfg["model"]["num_classes"], context,
+                                   train_cfg["amp"])
+        logger.info("final weights on test: top1 %.2f  top5 %.2f (the best-on-val weights: python eval.py "
+                    "--checkpoint %s)", test["top1"], test["top5"], os.path.join(output_dir, checkpoint.BEST_WEIGHTS))
+    writer.hparams(hyperparameters(cfg), ["eval/top1", "eval/top5", "eval/loss"])
+    writer.close()
+    if best is not None:
+        logger.info("Done: best %s top1 %.2f at step %d, weights in %s", best["split"], best["top1"], best["step"],
+                    os.path.join(output_dir, checkpoint.BEST_WEIGHTS))
+
+
+if __name__ == "__main__":
+    main()
