@@ -152,7 +152,8 @@ def main(argv=None):
             images, labels = next(stream)
             images = train_transform(images)
             last = micro_step == accumulation - 1
-            with contextlib.nullcontext() if last else distributed.no_sync(ddp_model, context):
+            with contextlib.nullcontext() if last else distributed.no_sync(ddp_model, context), \
+                    distributed.peers_expected(context):
                 with precision.autocast(train_cfg["amp"]):
                     logits_a, logits_b = rdrop_logits(ddp_model, images, criterion.needs_two_samples,
                                                       cfg["rdrop"]["concat_batch"])

@@ -7,11 +7,14 @@ small tensors, so they work the same over NCCL on GPUs and gloo on CPUs.
 import contextlib
 import logging
 import os
+import re
 
 import numpy as np
 import paddle
 import paddle.distributed as dist
 from paddle.distributed import fleet
+
+from rdrop.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +56,41 @@ def no_sync(model, context):
     return model.no_sync()
 
 
+_PEER_FAILURE = re.compile(r"gloo|nccl|pair_rank|Connection (closed|reset)|TIMEOUT", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def peers_expected(context):
+    """A collective that fails because another process died becomes one clear message, not a traceback."""
+    try:
+        yield
+    except RuntimeError as error:
+        if context.world_size == 1 or not _PEER_FAILURE.search(str(error)):
+            raise
+        lost = re.search(r"pair_rank = (\d+)", str(error))
+        who = f"rank {lost.group(1)}" if lost else "another rank"
+        raise UserError(f"Rank {context.rank} lost contact with {who} during a collective operation ({error}). "
+                        f"That process died or was killed; the job cannot continue. Restart it with "
+                        f"-o train.resume=auto to continue from the last checkpoint.") from None
+
+
 def barrier(context):
     if context.world_size > 1:
-        dist.barrier()
+        with peers_expected(context):
+            dist.barrier()
 
 
 def all_reduce_sum(tensor, context):
     if context.world_size > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with peers_expected(context):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_reduce_max(tensor, context):
     if context.world_size > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        with peers_expected(context):
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

@@ -20,7 +20,8 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
+            paragraph = " ".join(str(error).split())  # embedded messages (YAML, Paddle) bring line breaks
+            print(f"error: {paragraph}", file=sys.stderr, flush=True)
             sys.exit(USER_ERROR_EXIT_CODE)
 
     return wrapper

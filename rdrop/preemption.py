@@ -2,10 +2,10 @@
 
 The handler only records the request; the training loop finishes its current optimizer step, agrees
 with the other ranks that someone was signalled (a rank may get the signal a moment before the rest),
-saves a checkpoint and exits 0. A second signal while that happens exits at once.
+saves a checkpoint and exits 0. Repeated signals change nothing: Paddle's launcher sends SIGTERM to
+its workers several times during its 10-second grace period, and the checkpoint must still be written.
 """
 import signal
-import sys
 
 
 class StopRequest:
@@ -19,7 +19,5 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
-            sys.exit(128 + signum)
         self.requested = True
         self.signal_name = signal.Signals(signum).name

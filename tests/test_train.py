@@ -1,57 +1,12 @@
 """train.py end to end on a tiny generated CIFAR-100 archive: outputs, exact resume, accumulation,
 the learning rate actually used, and the multi-process path through Paddle's launcher."""
 import json
-import os
-import subprocess
-import sys
 
-import numpy as np
-import paddle
 import pytest
-import yaml
 
 import train
-from cifar_archive import write_cifar100_archive
 from rdrop import checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(tmp_path, archive, name="run", **sections):
-    cfg = {
-        "model": {"name": "vit", "img_size": 16, "num_classes": 100, "patch_size": 4, "embed_dim": 16,
-                  "depth": 2, "num_heads": 2, "mlp_dim": 32, "dropout": 0.1},
-        "rdrop": {"alpha": 0.3, "kl_reduction": "sum"},
-        "data": {"dataset": "cifar100", "data_file": str(archive), "download": False, "num_workers": 0},
-        "optimizer": {"name": "momentum", "lr": 0.05, "grad_clip": 1.0},
-        "schedule": {"name": "warmup_cosine", "warmup_steps": 2, "total_steps": 6},
-        "train": {"global_batch_size": 8, "micro_batch_size": 4, "eval_every": 3, "save_every": 3,
-                  "log_every": 2, "output_dir": str(tmp_path / name), "cpu_threads": 1},
-        "eval": {"batch_size": 16},
-    }
-    for section, values in sections.items():
-        cfg[section].update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    return write_cifar100_archive(tmp_path_factory.mktemp("cifar") / "cifar-100-python.tar.gz",
-                                  num_train=48, num_test=21)
-
-
-def final_weights(output_dir):
-    step, path = checkpoint.list_checkpoints(str(output_dir))[-1]
-    return step, {name: value.numpy() for name, value in paddle.load(os.path.join(path, "model.pdparams")).items()}
-
-
-def assert_same_weights(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=atol, err_msg=name)
-
+from run_helpers import assert_same_weights, final_weights, launch, tiny_config
 
 def test_a_run_writes_every_output(tmp_path, archive):
     train.main(["--config", tiny_config(tmp_path, archive)])
@@ -97,12 +52,6 @@ def test_indivisible_batch_sizes_are_refused(tmp_path, archive, capsys):
         train.main(["--config", tiny_config(tmp_path, archive), "-o", "train.micro_batch_size=3"])
     assert exit_info.value.code == 2
     assert "must be a multiple of train.micro_batch_size" in capsys.readouterr().err
-
-
-def launch(args, log_dir, processes=2, timeout=600):
-    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(processes),
-               "--log_dir", str(log_dir), "train.py"] + args
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow

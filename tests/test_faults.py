@@ -1,0 +1,207 @@
+"""Fault injection: signals, killed jobs and ranks, divergence, and bad input.
+
+Each fault must end in a clean recovery (a resumed run finishes with exactly the weights of an
+uninterrupted one) or in one clear message with a non-zero exit, never a hang or a traceback.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+import train
+from cifar_archive import write_cifar100_archive
+from rdrop import checkpoint
+from run_helpers import ROOT, assert_same_weights, final_weights, launch_command, tiny_config
+
+LONG_RUN = {"schedule": {"total_steps": 40, "warmup_steps": 2}, "train": {"log_every": 1, "save_every": 5,
+                                                                        "eval_every": 0}}
+
+
+def long_config(tmp_path, archive, name, **extra):
+    sections = {section: dict(values) for section, values in LONG_RUN.items()}
+    for section, values in extra.items():
+        sections.setdefault(section, {}).update(values)
+    return tiny_config(tmp_path, archive, name, **sections)
+
+
+def wait_for_step(log_path, step, process, timeout=120):
+    """Block until the run's log shows optimizer step `step` (the run must still be going)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(log_path) and f"step {step}/" in open(log_path).read():
+            return
+        assert process.poll() is None, f"the run ended before step {step}"
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def start_single(config_path, *overrides):
+    return subprocess.Popen([sys.executable, "train.py", "--config", config_path, *overrides], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_launched(config_path, log_dir, *overrides):
+    return subprocess.Popen(launch_command(["--config", config_path, *overrides], log_dir), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def worker_logs(log_dir):
+    return "".join(open(os.path.join(log_dir, name)).read() for name in sorted(os.listdir(log_dir))
+                   if name.startswith("workerlog"))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, archive):
+    train.main(["--config", long_config(tmp_path, archive, "reference")])
+    _, reference = final_weights(tmp_path / "reference")
+
+    config_path = long_config(tmp_path, archive, "stopped")
+    process = start_single(config_path)
+    wait_for_step(tmp_path / "stopped" / "train.log", 7, process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    stopped_at, _ = checkpoint.list_checkpoints(str(tmp_path / "stopped"))[-1]
+    assert 7 <= stopped_at < 40
+    assert "Stopped by SIGTERM" in out
+
+    train.main(["--config", config_path, "-o", "train.resume=auto"])
+    step, resumed = final_weights(tmp_path / "stopped")
+    assert step == 40
+    assert_same_weights(reference, resumed)
+
+
+@pytest.mark.slow
+def test_two_process_job_survives_sigterm_and_sigkill(tmp_path, archive):
+    reference = launch(["--config", long_config(tmp_path, archive, "reference")], tmp_path / "reference_logs")
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    _, reference_weights = final_weights(tmp_path / "reference")
+
+    # SIGTERM to the launcher: it forwards the signal, the workers agree, save and exit cleanly.
+    config_path = long_config(tmp_path, archive, "terminated")
+    job = start_launched(config_path, tmp_path / "term_logs")
+    wait_for_step(tmp_path / "terminated" / "train.log", 7, job)
+    job.send_signal(signal.SIGTERM)
+    job.communicate(timeout=120)
+    assert "Stopped by" in (tmp_path / "terminated" / "train.log").read_text()
+    stopped_at = checkpoint.list_checkpoints(str(tmp_path / "terminated"))[-1][0]
+    assert 7 <= stopped_at < 40
+    resumed = launch(["--config", config_path, "-o", "train.resume=auto"], tmp_path / "term_resume_logs")
+    assert resumed.returncode == 0, worker_logs(tmp_path / "term_resume_logs")
+    assert_same_weights(reference_weights, final_weights(tmp_path / "terminated")[1])
+
+    # SIGKILL of the whole job: no chance to save; resume continues from the last periodic checkpoint.
+    config_path = long_config(tmp_path, archive, "killed")
+    job = start_launched(config_path, tmp_path / "kill_logs")
+    wait_for_step(tmp_path / "killed" / "train.log", 13, job)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.communicate(timeout=60)
+    assert checkpoint.list_checkpoints(str(tmp_path / "killed"))[-1][0] in (10, 15)
+    resumed = launch(["--config", config_path, "-o", "train.resume=auto"], tmp_path / "kill_resume_logs")
+    assert resumed.returncode == 0, worker_logs(tmp_path / "kill_resume_logs")
+    assert_same_weights(reference_weights, final_weights(tmp_path / "killed")[1])
+
+
+@pytest.mark.slow
+def test_losing_one_rank_ends_the_job_with_a_message_and_resume_works(tmp_path, archive):
+    config_path = long_config(tmp_path, archive, "lost")
+    log_dir = tmp_path / "logs"
+    job = start_launched(config_path, log_dir)
+    wait_for_step(tmp_path / "lost" / "train.log", 6, job)
+    workers = psutil.Process(job.pid).children(recursive=True)
+    rank_one = [w for w in workers if w.environ().get("PADDLE_TRAINER_ID") == "1"]
+    assert len(rank_one) == 1
+    rank_one[0].kill()
+    started = time.monotonic()
+    job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert time.monotonic() - started < 60
+    assert "lost contact with rank 1" in worker_logs(log_dir)
+    resumed = launch(["--config", config_path, "-o", "train.resume=auto"], tmp_path / "resume_logs")
+    assert resumed.returncode == 0, worker_logs(tmp_path / "resume_logs")
+    assert final_weights(tmp_path / "lost")[0] == 40
+
+
+def test_divergence_skips_steps_then_stops_and_never_saves_a_broken_best(tmp_path, archive, capsys):
+    config_path = tiny_config(tmp_path, archive, "diverged", optimizer={"lr": 1e30, "grad_clip": None},
+                              train={"max_bad_steps": 3, "eval_every": 1, "log_every": 1},
+                              schedule={"warmup_steps": 0, "total_steps": 20, "name": "constant"})
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", config_path])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Training diverged: 3 consecutive steps" in err and "Traceback" not in err
+    log = (tmp_path / "diverged" / "train.log").read_text()
+    assert log.count("update skipped") == 3
+    best = tmp_path / "diverged" / "best.json"
+    if best.exists():
+        import json
+        assert json.loads(best.read_text())["step"] == 1  # only the one finite evaluation may be best
+
+
+def test_unwritable_output_dir_is_a_clear_error(tmp_path, archive, capsys):
+    (tmp_path / "file").write_text("")
+    config_path = tiny_config(tmp_path, archive, "x", train={"output_dir": str(tmp_path / "file" / "run")})
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", config_path])
+    assert exit_info.value.code == 2
+    assert "Cannot create train.output_dir" in capsys.readouterr().err
+
+
+def bad_archive(tmp_path, **knobs):
+    return write_cifar100_archive(tmp_path / "bad.tar.gz", num_train=48, num_test=21, **knobs)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("malformed_yaml", "is not valid YAML"),
+    ("object_tag", "uses a YAML tag"),
+    ("unknown_key", "Did you mean 'optimizer.lr'"),
+    ("negative_lr", "Invalid value -0.1 for 'optimizer.lr'"),
+    ("crop_scale", "'data.crop_scale'"),
+    ("indivisible_batch", "must be a multiple of train.micro_batch_size"),
+    ("missing_archive", "download"),
+    ("truncated_archive", "bad.tar.gz"),
+    ("missing_member", "bad.tar.gz"),
+    ("label_out_of_range", "bad.tar.gz"),
+])
+def test_bad_input_exits_2_with_one_paragraph_and_no_traceback(tmp_path, archive, capsys, case, expected):
+    overrides = []
+    config_path = tiny_config(tmp_path, archive)
+    if case == "malformed_yaml":
+        (tmp_path / "run.yaml").write_text("model: {name: vit\n")
+    elif case == "object_tag":
+        (tmp_path / "run.yaml").write_text("model: !!python/object/apply:os.system ['echo hi']\n")
+    elif case == "unknown_key":
+        overrides = ["optimizer.lrr=0.1"]
+    elif case == "negative_lr":
+        overrides = ["optimizer.lr=-0.1"]
+    elif case == "crop_scale":
+        overrides = ["data.crop_scale=[0.0,1.0]"]
+    elif case == "indivisible_batch":
+        overrides = ["train.micro_batch_size=3"]
+    elif case == "missing_archive":
+        overrides = [f"data.data_file={tmp_path / 'absent.tar.gz'}"]
+    elif case == "truncated_archive":
+        overrides = [f"data.data_file={bad_archive(tmp_path, truncate_to_bytes=2000)}"]
+    elif case == "missing_member":
+        overrides = [f"data.data_file={bad_archive(tmp_path, omit_members=('test',))}"]
+    elif case == "label_out_of_range":
+        overrides = [f"data.data_file={bad_archive(tmp_path, label_overrides={"train": {3: 150}})}"]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", config_path] + [arg for override in overrides for arg in ("-o", override)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert expected in err and "Traceback" not in err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0
+
+
+def test_the_command_line_itself_prints_no_traceback(tmp_path):
+    (tmp_path / "bad.yaml").write_text("optimizer:\n  lr: fast\n")
+    result = subprocess.run([sys.executable, "train.py", "--config", str(tmp_path / "bad.yaml")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Invalid value 'fast' for 'optimizer.lr'" in result.stderr and "Traceback" not in result.stderr
