@@ -190,7 +190,8 @@ def test_bad_input_exits_2_with_one_paragraph_and_no_traceback(tmp_path, archive
     elif case == "missing_member":
         overrides = [f"data.data_file={bad_archive(tmp_path, omit_members=('test',))}"]
     elif case == "label_out_of_range":
-        overrides = [f"data.data_file={bad_archive(tmp_path, label_overrides={"train": {3: 150}})}"]
+        out_of_range = {"train": {3: 150}}
+        overrides = [f"data.data_file={bad_archive(tmp_path, label_overrides=out_of_range)}"]
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--config", config_path] + [arg for override in overrides for arg in ("-o", override)])
     err = capsys.readouterr().err
