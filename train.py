@@ -116,6 +116,7 @@ def main(argv=None):
     parameters = [p for p in model.parameters() if not p.stop_gradient]
     writer = logs.MetricsWriter(context, output_dir)
     stop = StopRequest().install()
+    watchdog = distributed.RankWatchdog(context)
 
     def save_checkpoint():
         if context.is_main:
@@ -145,6 +146,7 @@ def main(argv=None):
     total_steps = cfg["schedule"]["total_steps"]
     window = {name: paddle.zeros([], dtype="float32") for name in ("loss", "ce", "kl")}
     window_start, window_steps = time.perf_counter(), 0
+    stop_requested = False
     ddp_model.train()
     while step < total_steps:
         paddle.seed(dropout_seed(train_cfg["seed"], context.rank, step))
@@ -206,15 +208,17 @@ def main(argv=None):
             break
 
     stream.close()
-    if stop_requested:
-        writer.close()
-        return
-    if selection_split == "val":
+    if selection_split == "val" and not stop_requested:
         test_loader = data.build_eval_loader(cfg, "test", context.rank, context.world_size)
         test = evaluation.evaluate(ddp_model, test_loader, eval_transform, cfg["model"]["num_classes"], context,
                                    train_cfg["amp"])
         logger.info("final weights on test: top1 %.2f  top5 %.2f (the best-on-val weights: python eval.py "
                     "--checkpoint %s)", test["top1"], test["top5"], os.path.join(output_dir, checkpoint.BEST_WEIGHTS))
+    watchdog.stop()  # from here on a rank that is done may exit before the others
+    distributed.barrier(context)
+    if stop_requested:
+        writer.close()
+        return
     writer.hparams(hyperparameters(cfg), ["eval/top1", "eval/top5", "eval/loss"])
     writer.close()
     if best is not None:

@@ -8,9 +8,12 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import paddle
+import psutil
 import paddle.distributed as dist
 from paddle.distributed import fleet
 
@@ -35,6 +38,39 @@ def init():
     if dist.get_world_size() > 1:
         fleet.init(is_collective=True)
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("PADDLE_LOCAL_RANK", "0")))
+
+
+class RankWatchdog:
+    """Reports, in this worker's log, the moment another worker on this machine dies.
+
+    Without it, a killed rank shows up in the survivors as a failure deep inside the gradient
+    all-reduce (gloo aborts the process from C++, NCCL may wait until the launcher gives up), and the
+    launcher names whichever process it noticed first. The watching runs in a separate small process
+    (rdrop/rank_watcher.py) so that the report is written even if this process is aborted at once.
+    `stop()` before the ranks part: after that, a rank finishing first is normal.
+    """
+
+    def __init__(self, context):
+        self._watcher = None
+        if context.world_size == 1:
+            return
+        siblings = []
+        for process in psutil.Process(os.getppid()).children():
+            try:
+                rank = process.environ().get("PADDLE_TRAINER_ID")
+            except psutil.Error:
+                continue
+            if process.pid != os.getpid() and rank is not None:
+                siblings.append(f"{rank}:{process.pid}")
+        if siblings:
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_watcher.py")
+            self._watcher = subprocess.Popen([sys.executable, script, str(context.rank), str(os.getpid()),
+                                              *siblings], stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def stop(self):
+        if self._watcher is not None:
+            self._watcher.kill()
+            self._watcher.wait()
 
 
 def wrap(model, optimizer, context):

@@ -15,7 +15,7 @@ import pytest
 import train
 from cifar_archive import write_cifar100_archive
 from rdrop import checkpoint
-from run_helpers import ROOT, assert_same_weights, final_weights, launch_command, tiny_config
+from run_helpers import ROOT, assert_same_weights, final_weights, launch, launch_command, tiny_config
 
 LONG_RUN = {"schedule": {"total_steps": 40, "warmup_steps": 2}, "train": {"log_every": 1, "save_every": 5,
                                                                         "eval_every": 0}}
@@ -112,15 +112,15 @@ def test_losing_one_rank_ends_the_job_with_a_message_and_resume_works(tmp_path, 
     log_dir = tmp_path / "logs"
     job = start_launched(config_path, log_dir)
     wait_for_step(tmp_path / "lost" / "train.log", 6, job)
-    workers = psutil.Process(job.pid).children(recursive=True)
+    workers = psutil.Process(job.pid).children()
     rank_one = [w for w in workers if w.environ().get("PADDLE_TRAINER_ID") == "1"]
     assert len(rank_one) == 1
     rank_one[0].kill()
     started = time.monotonic()
-    job.communicate(timeout=120)
+    out, err = job.communicate(timeout=120)
     assert job.returncode != 0
     assert time.monotonic() - started < 60
-    assert "lost contact with rank 1" in worker_logs(log_dir)
+    assert "error: rank 1 (pid" in worker_logs(log_dir), out + err
     resumed = launch(["--config", config_path, "-o", "train.resume=auto"], tmp_path / "resume_logs")
     assert resumed.returncode == 0, worker_logs(tmp_path / "resume_logs")
     assert final_weights(tmp_path / "lost")[0] == 40
