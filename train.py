@@ -10,7 +10,7 @@ averaged. Each micro-batch goes through the model twice with independent dropout
 the doubled batch) and the loss is CE + CE + alpha * symmetric KL (see rdrop/loss.py).
 """
 import argparse
-import contextlib
+import itertools
 import logging
 import math
 import os
@@ -23,10 +23,10 @@ import paddle  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402
-from rdrop import (RDropLoss, checkpoint, config, distributed, evaluation, logs, optim, precision,  # noqa: E402
-                   rdrop_logits, runtime)
+from rdrop import checkpoint, config, distributed, evaluation, logs, optim, precision, runtime  # noqa: E402
 from rdrop.errors import UserError, exit_on_user_error  # noqa: E402
 from rdrop.preemption import StopRequest  # noqa: E402
+from rdrop.step import LOSS_NAMES, TrainStep  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -69,7 +69,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = config.load(args.config, args.override)
     train_cfg = cfg["train"]
-    runtime.configure_cpu(train_cfg["cpu_threads"])
+    cpu_threads = runtime.configure_cpu(train_cfg["cpu_threads"])
     context = distributed.init()
     accumulation = accumulation_steps(train_cfg, context.world_size)
     output_dir = train_cfg["output_dir"]
@@ -78,9 +78,9 @@ def main(argv=None):
         checkpoint.claim_output_dir(train_cfg)
         config.save(cfg, os.path.join(output_dir, "config.yaml"))
     logs.setup(context, output_dir if context.is_main else None)
-    logger.info("%d process(es) x %d micro-batch(es) of %d = %d images per step; %d CPU threads per process",
-                context.world_size, accumulation, train_cfg["micro_batch_size"], train_cfg["global_batch_size"],
-                int(os.environ["OMP_NUM_THREADS"]))
+    logger.info("%d process(es) x %d micro-batch(es) of %d = %d images per step%s", context.world_size,
+                accumulation, train_cfg["micro_batch_size"], train_cfg["global_batch_size"],
+                f"; {cpu_threads} CPU threads per process" if cpu_threads else "")
 
     # Model, optimizer, loss. Every rank builds the same initial weights; fleet broadcasts rank 0's anyway.
     paddle.seed(train_cfg["seed"])
@@ -88,7 +88,6 @@ def main(argv=None):
     model.recompute = train_cfg["recompute"]
     optimizer, scheduler = optim.build(cfg["optimizer"], cfg["schedule"], model)
     scaler = precision.loss_scaler(train_cfg["amp"])
-    criterion = RDropLoss(cfg["rdrop"]["alpha"], cfg["rdrop"]["kl_reduction"])
 
     # Data: an endless, sharded, resumable stream of training micro-batches, and the selection split.
     if context.is_node_main:
@@ -113,7 +112,6 @@ def main(argv=None):
         step, best = trainer_state["step"], trainer_state["best"]
         logger.info("Resumed from %s at step %d", resume_from, step)
     ddp_model, optimizer = distributed.wrap(model, optimizer, context)
-    parameters = [p for p in model.parameters() if not p.stop_gradient]
     writer = logs.MetricsWriter(context, output_dir)
     stop = StopRequest().install()
     watchdog = distributed.RankWatchdog(context)
@@ -141,41 +139,20 @@ def main(argv=None):
                 checkpoint.save_best(output_dir, model.state_dict(), best)
         return metrics
 
-    # The loop. Host reads happen on logging steps, plus one flag per step: were the gradients finite,
-    # and was any rank asked to stop (both decide what every rank does next, so they must agree).
+    # The loop: one optimizer step over `accumulation` micro-batches, then logging, evaluation, saving.
+    train_step = TrainStep(cfg, model, ddp_model, optimizer, scheduler, scaler, context, accumulation)
     total_steps = cfg["schedule"]["total_steps"]
-    window = {name: paddle.zeros([], dtype="float32") for name in ("loss", "ce", "kl")}
+    window = {name: paddle.zeros([], dtype="float32") for name in LOSS_NAMES}
     window_start, window_steps = time.perf_counter(), 0
     stop_requested = False
     ddp_model.train()
     while step < total_steps:
         paddle.seed(dropout_seed(train_cfg["seed"], context.rank, step))
-        for micro_step in range(accumulation):
-            images, labels = next(stream)
-            images = train_transform(images)
-            last = micro_step == accumulation - 1
-            with contextlib.nullcontext() if last else distributed.no_sync(ddp_model, context), \
-                    distributed.peers_expected(context):
-                with precision.autocast(train_cfg["amp"]):
-                    logits_a, logits_b = rdrop_logits(ddp_model, images, criterion.needs_two_samples,
-                                                      cfg["rdrop"]["concat_batch"])
-                losses = criterion(logits_a, logits_b, labels)
-                scaler.scale(losses["loss"] / accumulation).backward()
-            for name in window:
-                window[name] += losses[name].detach() / accumulation
-        scaler.unscale_(optimizer)
-        grad_norm = optim.global_grad_norm(parameters)
-        if cfg["optimizer"]["grad_clip"] is not None:
-            optim.clip_grads_(parameters, grad_norm, cfg["optimizer"]["grad_clip"])
-        control = paddle.stack([(~paddle.isfinite(grad_norm)).astype("float32"),
-                                paddle.full([], float(stop.requested), dtype="float32")])
-        nonfinite, stop_requested = distributed.all_reduce_max(control, context).tolist()
-        if not nonfinite or scaler.is_enable():
-            scaler.step(optimizer)
-            scaler.update()
-        optimizer.clear_grad()
-        lr = scheduler.get_lr()
-        scheduler.step()
+        micro_batches = ((train_transform(images), labels) for images, labels in itertools.islice(stream, accumulation))
+        outcome = train_step(micro_batches, stop.requested)
+        nonfinite, stop_requested = outcome["nonfinite"], outcome["stop"]
+        for name in window:
+            window[name] += outcome["losses"][name]
         step += 1
         window_steps += 1
         if nonfinite:
@@ -190,7 +167,7 @@ def main(argv=None):
 
         if step % train_cfg["log_every"] == 0 or step == total_steps:
             values = {name: float(total) / window_steps for name, total in window.items()}
-            values.update(lr=lr, grad_norm=float(grad_norm))
+            values.update(lr=outcome["lr"], grad_norm=float(outcome["grad_norm"]))
             elapsed = time.perf_counter() - window_start
             img_per_s = window_steps * train_cfg["global_batch_size"] / elapsed
             eta = (total_steps - step) * elapsed / window_steps

@@ -17,6 +17,7 @@ import re
 
 import yaml
 
+from models.presets import MODEL_NAMES
 from rdrop.errors import UserError
 
 BASE_KEY = "_base_"
@@ -101,8 +102,6 @@ class Key:
         self.allowed = allowed
         self.doc = doc
 
-
-MODEL_NAMES = ("vit_ti16", "vit_s16", "vit_b16", "vit_b32", "vit_l16", "vit_l32", "vit")
 
 SCHEMA = {
     "model": {

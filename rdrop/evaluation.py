@@ -1,17 +1,91 @@
-"""Top-1 / top-5 / loss / per-class accuracy over a whole evaluation set, split over ranks.
+"""Evaluating trained weights: locating them and their run's config, loading them exactly, and
+measuring top-1 / top-5 / loss / per-class accuracy and dropout consistency over a whole split.
+
+Weights come as a training checkpoint folder (`checkpoints/step_<N>`), a `.pdparams` state dict
+(`best.pdparams`) or a Google ViT `.npz`; evaluation and export load them strictly, with no head
+re-initialisation and no position-embedding resize, because adapted weights would not be the
+weights being evaluated.
 
 Each rank sees a disjoint part of the set (the data package shards without padding), the sums are
 all-reduced, so every image is counted exactly once and every rank reports the same numbers. All
 accumulation stays on the device; the only copy to the host is of the final totals.
 """
 import contextlib
+import os
 
 import paddle
 import paddle.nn.functional as F
 
-from rdrop import distributed
+import models
+from rdrop import checkpoint, distributed
+from rdrop.errors import UserError
 from rdrop.loss import symmetric_kl
 from rdrop.precision import autocast
+
+RUN_CONFIG = "config.yaml"
+FOLDER, PDPARAMS, NPZ = "checkpoint folder", ".pdparams", ".npz"
+WEIGHT_FORMATS = "a training checkpoint folder (checkpoints/step_<N>), a .pdparams file or a Google ViT .npz"
+
+
+def weights_format(path):
+    """FOLDER, PDPARAMS or NPZ for a path to trained weights; a UserError for anything else."""
+    if os.path.isdir(path):
+        return FOLDER
+    if not os.path.isfile(path):
+        raise UserError(f"Checkpoint '{path}' does not exist. Pass {WEIGHT_FORMATS}, e.g. "
+                        f"--checkpoint output/run/best.pdparams.")
+    for suffix in (PDPARAMS, NPZ):
+        if path.lower().endswith(suffix):
+            return suffix
+    raise UserError(f"Checkpoint '{path}' has an unknown format: pass {WEIGHT_FORMATS}.")
+
+
+def run_config_path(weights_path):
+    """The config.yaml of the training run that wrote `weights_path`: in the same folder (best.pdparams,
+    or a checkpoint folder's model.pdparams) or in the run folder above `checkpoints/step_<N>`."""
+    kind = weights_format(weights_path)
+    if kind == NPZ:
+        raise UserError(f"'{weights_path}' is a Google .npz, which does not belong to a training run of this "
+                        f"project, so it has no config.yaml: pass the config that describes its architecture "
+                        f"and the dataset, e.g. --config configs/vit_b16_cifar100.yaml.")
+    folder = os.path.abspath(weights_path if kind == FOLDER else os.path.dirname(os.path.abspath(weights_path)))
+    candidates = [folder]
+    if os.path.basename(os.path.dirname(folder)) == checkpoint.CHECKPOINTS:
+        candidates.append(os.path.dirname(os.path.dirname(folder)))
+    for candidate in candidates:
+        path = os.path.join(candidate, RUN_CONFIG)
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"No --config given and no {RUN_CONFIG} found for checkpoint '{weights_path}' (looked in "
+                    f"{' and '.join(candidates)}). Pass the config the weights were trained with, e.g. "
+                    f"--config output/run/{RUN_CONFIG}.")
+
+
+def _read_state_dict(path):
+    try:
+        state = paddle.load(path, return_numpy=True)
+    except Exception as error:  # paddle.load lets whatever its last format attempt raised escape
+        raise UserError(f"Weights file '{path}' cannot be read by paddle.load ({type(error).__name__}: "
+                        f"{error}). It is corrupt or not a state dict; use another checkpoint.") from None
+    if not isinstance(state, dict) or not all(hasattr(value, "shape") for value in state.values()):
+        raise UserError(f"Weights file '{path}' does not hold a state dict (parameter names -> arrays); pass a "
+                        f"model's weights such as best.pdparams or checkpoints/step_<N>/model.pdparams.")
+    return state
+
+
+def load_trained_weights(model, path):
+    """Load `path` into `model` only if every parameter fits exactly (see the module doc)."""
+    kind = weights_format(path)
+    if kind == NPZ:
+        models.load_pretrained(model, path, adapt=False)
+        return
+    file = os.path.join(path, checkpoint.MODEL_FILE) if kind == FOLDER else path
+    if not os.path.isfile(file):
+        best = os.path.join(path, checkpoint.BEST_WEIGHTS)
+        hint = f" (this looks like a run folder: its best weights are '{best}')" if os.path.isfile(best) else ""
+        raise UserError(f"Checkpoint folder '{path}' holds no {checkpoint.MODEL_FILE}{hint}. Pass a "
+                        f"checkpoints/step_<N> folder of a training run, or a .pdparams file.")
+    checkpoint.restore_model(model, _read_state_dict(file), file)
 
 
 @contextlib.contextmanager
@@ -24,9 +98,17 @@ def _mode(model, training):
         model.train() if was_training else model.eval()
 
 
+def _cross_entropy_sum(logits, labels):
+    # Not F.cross_entropy: Paddle's CPU kernel caps each image's loss at 64, which would hide how
+    # wrong a confidently wrong model is.
+    picked = paddle.take_along_axis(logits, labels.unsqueeze(-1), axis=-1).squeeze(-1)
+    return (paddle.logsumexp(logits, axis=-1) - picked).sum()
+
+
 @paddle.no_grad()
 def evaluate(model, loader, batch_transform, num_classes, context, amp="none"):
-    """Returns {'top1', 'top5' (percent), 'loss' (mean), 'num_samples', 'per_class' (percent per class)}."""
+    """Returns {'top1', 'top5' (percent), 'loss' (mean cross-entropy), 'num_samples',
+    'per_class' (top-1 percent per class, None for a class without images), 'per_class_count'}."""
     loss_sum = paddle.zeros([1], dtype="float64")
     top1_per_class = paddle.zeros([num_classes], dtype="float64")
     top5_sum = paddle.zeros([1], dtype="float64")
@@ -38,7 +120,7 @@ def evaluate(model, loader, batch_transform, num_classes, context, amp="none"):
             with autocast(amp):
                 logits = model(batch_transform(images))
             logits = logits.astype("float32")
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").astype("float64")
+            loss_sum += _cross_entropy_sum(logits, labels).astype("float64")
             ranked = paddle.topk(logits, k=k, axis=-1)[1]
             hits = (ranked == labels.unsqueeze(-1)).astype("float64")
             one_hot = F.one_hot(labels, num_classes).astype("float64")
@@ -57,28 +139,39 @@ def evaluate(model, loader, batch_transform, num_classes, context, amp="none"):
         "loss": float(loss) / denominator,
         "num_samples": num_samples,
         "per_class": [100.0 * float(c) / n if n else None for c, n in zip(top1_per_class, count_per_class)],
+        "per_class_count": [int(round(n)) for n in count_per_class],
     }
 
 
-@paddle.no_grad()
-def dropout_consistency(model, loader, batch_transform, samples, context):
-    """How far `samples` dropout passes stray from the deterministic (dropout-off) prediction.
+def worst_classes(metrics, class_names, count):
+    """The `count` classes with the lowest top-1 (ties by class index), skipping classes without images."""
+    scored = [(accuracy, index) for index, accuracy in enumerate(metrics["per_class"]) if accuracy is not None]
+    return [{"class": index, "name": class_names[index], "top1": accuracy,
+             "num_samples": metrics["per_class_count"][index]} for accuracy, index in sorted(scored)[:count]]
 
-    This is the train/inference inconsistency R-Drop is meant to reduce: the mean symmetric KL per
-    image between each dropout pass and the deterministic pass, and the percentage of dropout passes
-    whose top-1 class differs from the deterministic one.
+
+@paddle.no_grad()
+def dropout_consistency(model, loader, batch_transform, samples, context, amp="none"):
+    """How far `samples` stochastic passes stray from the deterministic prediction.
+
+    This is the train/inference inconsistency R-Drop is meant to reduce. For every image, the
+    deterministic (eval-mode) logits are compared with `samples` train-mode passes (dropout,
+    attention dropout and stochastic depth on, as in training). Returns the mean symmetric KL per
+    image and pass, and the percentage of (image, pass) pairs whose top-1 class differs from the
+    deterministic one.
     """
     totals = paddle.zeros([3], dtype="float64")
     for images, labels in loader:
         images = batch_transform(images)
-        with _mode(model, training=False):
+        with _mode(model, training=False), autocast(amp):
             reference = model(images).astype("float32")
         with _mode(model, training=True):
             for _ in range(samples):
-                sampled = model(images).astype("float32")
+                with autocast(amp):
+                    sampled = model(images).astype("float32")
                 changed = (sampled.argmax(-1) != reference.argmax(-1)).astype("float64").sum()
                 kl = symmetric_kl(sampled, reference, "sum").astype("float64")
-                totals += paddle.stack([kl, changed, paddle.to_tensor(float(len(labels)), dtype="float64")])
+                totals += paddle.stack([kl, changed, paddle.to_tensor(float(labels.shape[0]), dtype="float64")])
     kl, changed, passes = distributed.all_reduce_sum(totals, context).numpy()
     passes = max(passes, 1.0)
     return {"samples": samples, "symmetric_kl": float(kl / passes), "disagreement": 100.0 * float(changed / passes)}

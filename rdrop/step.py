@@ -1,0 +1,62 @@
+"""One optimizer step of R-Drop training, shared by train.py and scripts/benchmark.py.
+
+A step accumulates gradients over `accumulation` micro-batches (the all-reduce of the data-parallel
+model runs only on the last one), unscales them (fp16), clips them to the global norm and applies
+the update unless they are non-finite. Losses and the gradient norm stay on the device; the only
+host read is one small tensor per step: whether the gradients were finite and whether any rank was
+asked to stop, which every rank must agree on before it decides what to do next.
+"""
+import contextlib
+
+import paddle
+
+from rdrop import distributed, optim, precision
+from rdrop.loss import RDropLoss, rdrop_logits
+
+LOSS_NAMES = ("loss", "ce", "kl")
+
+
+class TrainStep:
+    def __init__(self, cfg, model, ddp_model, optimizer, scheduler, scaler, context, accumulation):
+        self.model, self.ddp_model = model, ddp_model
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.context = context
+        self.accumulation = accumulation
+        self.amp = cfg["train"]["amp"]
+        self.grad_clip = cfg["optimizer"]["grad_clip"]
+        self.concat_batch = cfg["rdrop"]["concat_batch"]
+        self.criterion = RDropLoss(cfg["rdrop"]["alpha"], cfg["rdrop"]["kl_reduction"])
+        self.parameters = [p for p in model.parameters() if not p.stop_gradient]
+
+    def __call__(self, micro_batches, stop_requested=False):
+        """Run one step over `accumulation` (images, labels) micro-batches, already on the device.
+
+        Returns {'losses': {name: device scalar averaged over the micro-batches}, 'grad_norm': device
+        scalar (before clipping), 'lr': the rate this update used, 'nonfinite': bool, 'stop': bool}.
+        """
+        losses = {name: paddle.zeros([], dtype="float32") for name in LOSS_NAMES}
+        for index, (images, labels) in enumerate(micro_batches):
+            last = index == self.accumulation - 1
+            sync = contextlib.nullcontext() if last else distributed.no_sync(self.ddp_model, self.context)
+            with sync, distributed.peers_expected(self.context):
+                with precision.autocast(self.amp):
+                    logits_a, logits_b = rdrop_logits(self.ddp_model, images, self.criterion.needs_two_samples,
+                                                      self.concat_batch)
+                micro_losses = self.criterion(logits_a, logits_b, labels)
+                self.scaler.scale(micro_losses["loss"] / self.accumulation).backward()
+            for name in LOSS_NAMES:
+                losses[name] += micro_losses[name].detach() / self.accumulation
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = optim.global_grad_norm(self.parameters)
+        if self.grad_clip is not None:
+            optim.clip_grads_(self.parameters, grad_norm, self.grad_clip)
+        control = paddle.stack([(~paddle.isfinite(grad_norm)).astype("float32"),
+                                paddle.full([], float(stop_requested), dtype="float32")])
+        nonfinite, stop = distributed.all_reduce_max(control, self.context).tolist()
+        if not nonfinite or self.scaler.is_enable():
+            self.scaler.step(self.optimizer)  # with fp16 the scaler skips a non-finite step and lowers its scale
+            self.scaler.update()
+        self.optimizer.clear_grad()
+        lr = self.scheduler.get_lr()
+        self.scheduler.step()
+        return {"losses": losses, "grad_norm": grad_norm, "lr": lr, "nonfinite": bool(nonfinite), "stop": bool(stop)}
