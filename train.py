@@ -166,7 +166,8 @@ def main(argv=None):
             bad_steps = 0
 
         if step % train_cfg["log_every"] == 0 or step == total_steps:
-            values = {name: float(total) / window_steps for name, total in window.items()}
+            values = {name: float(total) / window_steps for name, total in window.items()
+                      if name != "kl" or train_step.criterion.needs_two_samples}
             values.update(lr=outcome["lr"], grad_norm=float(outcome["grad_norm"]))
             elapsed = time.perf_counter() - window_start
             img_per_s = window_steps * train_cfg["global_batch_size"] / elapsed

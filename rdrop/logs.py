@@ -64,6 +64,8 @@ def format_duration(seconds):
 
 
 def progress_line(step, total_steps, values, img_per_s, eta_seconds):
-    return (f"step {step}/{total_steps}  loss {values['loss']:.4f}  ce {values['ce']:.4f}  kl {values['kl']:.4f}  "
+    """One console line; `kl` is shown only when present (a run without R-Drop has none)."""
+    kl = f"  kl {values['kl']:.4f}" if "kl" in values else ""
+    return (f"step {step}/{total_steps}  loss {values['loss']:.4f}  ce {values['ce']:.4f}{kl}  "
             f"lr {values['lr']:.3e}  grad_norm {values['grad_norm']:.3f}  {img_per_s:.1f} img/s  "
             f"eta {format_duration(eta_seconds)}")

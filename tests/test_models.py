@@ -157,17 +157,20 @@ def test_dropout_makes_two_training_passes_differ():
     assert not np.allclose(model(x).numpy(), model(x).numpy())
 
 
-def _loss_and_gradients(npz, recompute, seed):
+def _loss_and_gradients(npz, recompute, seed, frozen_embeddings=False):
     model = models.build_model(
         tiny_model_cfg(dropout=0.1, attn_dropout=0.1, drop_path=0.1, pretrained=str(npz))
     )
     model.train()
     model.recompute = recompute
+    if frozen_embeddings:
+        for parameter in [model.cls_token, model.pos_embed, *model.patch_embed.parameters()]:
+            parameter.stop_gradient = True
     images = paddle.to_tensor(np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32))
     paddle.seed(seed)
     loss = paddle.nn.functional.cross_entropy(model(images), paddle.to_tensor([1, 2, 3, 4]))
     loss.backward()
-    return float(loss), {name: p.grad.numpy() for name, p in model.named_parameters()}
+    return float(loss), {name: p.grad.numpy() for name, p in model.named_parameters() if not p.stop_gradient}
 
 
 def test_recompute_reproduces_loss_and_gradients(tmp_path):
@@ -181,6 +184,17 @@ def test_recompute_reproduces_loss_and_gradients(tmp_path):
     # The comparison is sensitive to the dropout masks: another seed changes both.
     other_loss, _ = _loss_and_gradients(npz, recompute=True, seed=12)
     assert abs(other_loss - loss) > 1e-3
+
+
+def test_recompute_keeps_block_gradients_when_embeddings_are_frozen(tmp_path):
+    # Then the first block's input needs no gradient; its parameters still do.
+    npz = tmp_path / "tiny.npz"
+    write_google_npz(npz)
+    _, gradients = _loss_and_gradients(npz, recompute=False, seed=5, frozen_embeddings=True)
+    _, recomputed = _loss_and_gradients(npz, recompute=True, seed=5, frozen_embeddings=True)
+    assert "blocks.0.attn.qkv.weight" in gradients and "pos_embed" not in gradients
+    for name, gradient in gradients.items():
+        np.testing.assert_allclose(recomputed[name], gradient, atol=1e-6, err_msg=name)
 
 
 def test_initialisation_follows_google():

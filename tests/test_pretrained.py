@@ -2,6 +2,7 @@
 import functools
 import http.server
 import logging
+import re
 import threading
 
 import numpy as np
@@ -83,6 +84,15 @@ def test_head_with_other_classes_is_zeroed_and_logged(tiny_npz, caplog):
     np.testing.assert_array_equal(model.norm.weight.numpy(), arrays["Transformer/encoder_norm/scale"])
 
 
+def test_without_adaptation_head_and_grid_mismatches_are_errors(tiny_npz):
+    path, _ = tiny_npz
+    for cfg, offending in (({"num_classes": 21}, "head.weight (checkpoint [32, 10], model [32, 21])"),
+                           ({"img_size": 24}, "pos_embed (checkpoint [1, 17, 32], model [1, 37, 32])")):
+        model = models.build_model(tiny_model_cfg(**cfg))
+        with pytest.raises(UserError, match=re.escape(offending)):
+            models.load_pretrained(model, str(path), adapt=False)
+
+
 def numpy_bilinear_align_corners(grid, new_side):
     """Independent reference: each output cell interpolates the 4 input cells around i*(n-1)/(m-1)."""
     old_side = grid.shape[0]
@@ -161,7 +171,7 @@ def test_other_width_is_a_shape_error(tmp_path):
     assert "embedding/kernel (checkpoint [4, 4, 3, 48], model [4, 4, 3, 32])" in message
 
 
-def test_head_with_other_width_is_not_re_initialised(tiny_npz, tmp_path):
+def test_head_with_other_width_is_not_re_initialised(tmp_path):
     arrays = google_vit_arrays()
     arrays["head/kernel"] = np.zeros((16, 10), np.float32)
     write_google_npz(tmp_path / "odd_head.npz", arrays)
