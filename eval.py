@@ -1,24 +1,39 @@
-"""Evaluate a checkpoint on the test set: top-1, top-5, loss, per-class accuracy.
+"""Evaluate trained weights on the test set: top-1, top-5, loss, per-class accuracy, worst classes.
 
     python eval.py --checkpoint output/run/best.pdparams
     python eval.py --checkpoint output/run/checkpoints/step_20000 --output metrics.json
     python eval.py --checkpoint ViT-B_16_cifar100.npz --config configs/vit_b16_cifar100_rdrop.yaml
+    python eval.py --checkpoint output/run/best.pdparams --consistency 8
     python -m paddle.distributed.launch --nproc_per_node 2 eval.py --checkpoint ...
 
-The checkpoint may be a training checkpoint folder, a `.pdparams` file or a Google `.npz`. Without
---config, the `config.yaml` of the run the checkpoint belongs to is used. Every test image is counted
-exactly once, however many processes share the work.
+The checkpoint is a training checkpoint folder, a `.pdparams` file or a Google `.npz`; its weights
+must fit the model of the config exactly. Without --config, the `config.yaml` of the run the
+checkpoint belongs to is used (next to best.pdparams, or in the run folder above
+checkpoints/step_<N>); a .npz always needs --config. Every image of the split is counted exactly
+once, however many processes share the work.
+
+--consistency K also measures how much predictions change between dropout samples: the mean
+symmetric KL and the disagreement rate of K train-mode passes against the deterministic one.
+
+--output writes JSON with: top1, top5 (percent), loss (mean cross-entropy), num_samples,
+class_names, per_class (top-1 percent per class as a list indexed by label, aligned with
+class_names; null for a class without images in the split), per_class_count (images per class),
+worst_classes (list of {class, name, top1, num_samples}), consistency (with --consistency),
+checkpoint, config and split.
 """
 import argparse
 import json
 import logging
 import os
 
-os.environ.setdefault("GLOG_minloglevel", "2")  # keep Paddle's C++ info lines out of the console
+import rdrop  # noqa: E402,F401  (first: it quiets Paddle's import-time logging)
+
+import paddle  # noqa: E402
+import paddle.distributed as dist  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402
-from rdrop import checkpoint, config, distributed, evaluation, logs, runtime  # noqa: E402
+from rdrop import config, distributed, evaluation, logs, runtime  # noqa: E402
 from rdrop.errors import UserError, exit_on_user_error  # noqa: E402
 
 logger = logging.getLogger("eval")
@@ -31,7 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, .pdparams or Google .npz")
     parser.add_argument("--config", help="YAML config; default: the config.yaml of the checkpoint's run")
     parser.add_argument("--output", help="write all metrics to this JSON file")
-    parser.add_argument("--split", default="test", choices=["test", "val"], help="which split to evaluate")
+    parser.add_argument("--split", default="test", choices=["test", "val"],
+                        help="which split to evaluate (val needs data.val_size > 0)")
     parser.add_argument("--consistency", type=int, default=0, metavar="K",
                         help="also measure how K dropout samples disagree with the deterministic prediction")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -39,28 +55,31 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run_config_of(checkpoint_path):
-    """The config.yaml of the training run a checkpoint file or folder was written by, if any."""
-    folder = os.path.dirname(os.path.abspath(checkpoint_path.rstrip("/")))
-    for candidate in (folder, os.path.dirname(folder)):
-        if os.path.isfile(os.path.join(candidate, "config.yaml")):
-            return os.path.join(candidate, "config.yaml")
-    raise UserError(f"No --config given and no config.yaml found next to '{checkpoint_path}' or in its run folder. "
-                    f"Pass the config the weights were trained with, e.g. --config configs/quickstart.yaml.")
-
-
-def format_report(metrics, class_names, split):
-    lines = [f"{split}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
-             f"({metrics['num_samples']} images)"]
-    scored = [(accuracy, name) for accuracy, name in zip(metrics["per_class"], class_names) if accuracy is not None]
-    if scored:
-        lines.append("worst classes: " + ", ".join(f"{name} {accuracy:.1f}%"
-                                                   for accuracy, name in sorted(scored)[:WORST_CLASSES_SHOWN]))
-    if "consistency" in metrics:
-        consistency = metrics["consistency"]
-        lines.append(f"dropout consistency over {consistency['samples']} samples: mean symmetric KL "
-                     f"{consistency['symmetric_kl']:.4f}, disagreement {consistency['disagreement']:.2f}%")
+def format_report(report):
+    lines = [f"{report['split']} split of {report['num_samples']} images, weights {report['checkpoint']}",
+             f"  top-1  {report['top1']:7.2f} %",
+             f"  top-5  {report['top5']:7.2f} %",
+             f"  loss   {report['loss']:7.4f}"]
+    if report["worst_classes"]:
+        lines.append("  worst classes (top-1, images):")
+        width = max(len(worst["name"]) for worst in report["worst_classes"])
+        lines += [f"    {worst['name']:<{width}}  {worst['top1']:6.2f} %  {worst['num_samples']:5d}"
+                  for worst in report["worst_classes"]]
+    if "consistency" in report:
+        consistency = report["consistency"]
+        lines.append(f"  dropout consistency over {consistency['samples']} samples: mean symmetric KL "
+                     f"{consistency['symmetric_kl']:.4g}, top-1 disagreement {consistency['disagreement']:.2f} %")
     return "\n".join(lines)
+
+
+def write_json(report, path):
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as stream:
+            json.dump(report, stream, indent=2)
+    except OSError as error:
+        raise UserError(f"Cannot write the metrics to --output '{path}' ({error.strerror or error}). "
+                        f"Choose a writable path.") from None
 
 
 @exit_on_user_error
@@ -68,31 +87,41 @@ def main(argv=None):
     args = parse_args(argv)
     if args.consistency < 0:
         raise UserError(f"--consistency must be a number of dropout samples >= 0, got {args.consistency}.")
-    cfg = config.load(args.config or run_config_of(args.checkpoint), args.override)
-    cfg["model"]["pretrained"] = None
+    config_path = args.config or evaluation.run_config_path(args.checkpoint)
+    cfg = config.load(config_path, args.override)
+    cfg["model"]["pretrained"] = None  # the checkpoint's weights replace whatever training started from
     runtime.configure_cpu(cfg["train"]["cpu_threads"])
-    context = distributed.init()
+    context = distributed.init(use_fleet=False)
     logs.setup(context)
+    logger.info("Evaluating %s with config %s", args.checkpoint, config_path)
 
     model = models.build_model(cfg["model"])
-    models.load_weights_exactly(model, args.checkpoint)
+    evaluation.load_trained_weights(model, args.checkpoint)
+    if context.is_node_main:
+        data.prepare_dataset(cfg)  # one download per machine, not one per process into the same file
+    distributed.barrier(context)
     loader = data.build_eval_loader(cfg, args.split, context.rank, context.world_size)
     transform = data.build_batch_transform(cfg, train=False)
-    num_classes = cfg["model"]["num_classes"]
-    metrics = evaluation.evaluate(model, loader, transform, num_classes, context, cfg["train"]["amp"])
+    metrics = evaluation.evaluate(model, loader, transform, cfg["model"]["num_classes"], context,
+                                  cfg["train"]["amp"])
     if args.consistency:
-        metrics["consistency"] = evaluation.dropout_consistency(model, loader, transform, args.consistency, context)
+        if not any(cfg["model"][rate] for rate in ("dropout", "attn_dropout", "drop_path")):
+            logger.warning("model.dropout, attn_dropout and drop_path are all 0: every sample equals the "
+                           "deterministic prediction")
+        paddle.seed(cfg["train"]["seed"] + context.rank)  # reproducible dropout masks, different per rank
+        metrics["consistency"] = evaluation.dropout_consistency(model, loader, transform, args.consistency,
+                                                                context, cfg["train"]["amp"])
 
-    class_names = data.class_names(cfg)
-    metrics["class_names"] = class_names
-    metrics["checkpoint"] = os.path.abspath(args.checkpoint)
-    metrics["split"] = args.split
+    class_names = list(data.class_names(cfg))
+    report = {**metrics, "class_names": class_names,
+              "worst_classes": evaluation.worst_classes(metrics, class_names, WORST_CLASSES_SHOWN),
+              "checkpoint": os.path.abspath(args.checkpoint), "config": os.path.abspath(config_path),
+              "split": args.split}
     if context.is_main:
-        logger.info(format_report(metrics, class_names, args.split))
+        logger.info(format_report(report))
         if args.output:
-            with open(args.output, "w", encoding="utf-8") as stream:
-                json.dump(metrics, stream, indent=2)
-    return metrics
+            write_json(report, args.output)
+    return report
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import math
 import os
 import time
 
-os.environ.setdefault("GLOG_minloglevel", "2")  # keep Paddle's C++ info lines out of the console
+import rdrop  # noqa: E402,F401  (first: it quiets Paddle's import-time logging)
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402

@@ -119,6 +119,20 @@ def _read_json(path):
         return json.load(stream)
 
 
+def load_model_state(path):
+    """The state dict (parameter name -> array) in a `.pdparams` file, or a UserError saying what is wrong."""
+    try:
+        state = paddle.load(path, return_numpy=True)
+    except Exception as error:  # paddle.load lets whatever its last format attempt raised escape
+        raise UserError(f"Weights file '{path}' cannot be read by paddle.load ({type(error).__name__}: "
+                        f"{error}). It is corrupt or not a state dict; use another checkpoint.") from None
+    if not isinstance(state, dict) or not all(hasattr(value, "shape") for value in state.values()):
+        raise UserError(f"Weights file '{path}' does not hold a state dict (parameter names -> arrays); pass a "
+                        f"model's weights such as best.pdparams or checkpoints/step_<N>/model.pdparams.")
+    return state
+
+
+
 def load(path):
     """Read a checkpoint folder: (model_state, optimizer_state, trainer_state)."""
     if not os.path.isdir(path):

@@ -19,7 +19,7 @@ import paddle.nn.functional as F
 import models
 from rdrop import checkpoint, distributed
 from rdrop.errors import UserError
-from rdrop.loss import symmetric_kl
+from rdrop.loss import cross_entropy, symmetric_kl
 from rdrop.precision import autocast
 
 RUN_CONFIG = "config.yaml"
@@ -61,18 +61,6 @@ def run_config_path(weights_path):
                     f"--config output/run/{RUN_CONFIG}.")
 
 
-def _read_state_dict(path):
-    try:
-        state = paddle.load(path, return_numpy=True)
-    except Exception as error:  # paddle.load lets whatever its last format attempt raised escape
-        raise UserError(f"Weights file '{path}' cannot be read by paddle.load ({type(error).__name__}: "
-                        f"{error}). It is corrupt or not a state dict; use another checkpoint.") from None
-    if not isinstance(state, dict) or not all(hasattr(value, "shape") for value in state.values()):
-        raise UserError(f"Weights file '{path}' does not hold a state dict (parameter names -> arrays); pass a "
-                        f"model's weights such as best.pdparams or checkpoints/step_<N>/model.pdparams.")
-    return state
-
-
 def load_trained_weights(model, path):
     """Load `path` into `model` only if every parameter fits exactly (see the module doc)."""
     kind = weights_format(path)
@@ -85,7 +73,7 @@ def load_trained_weights(model, path):
         hint = f" (this looks like a run folder: its best weights are '{best}')" if os.path.isfile(best) else ""
         raise UserError(f"Checkpoint folder '{path}' holds no {checkpoint.MODEL_FILE}{hint}. Pass a "
                         f"checkpoints/step_<N> folder of a training run, or a .pdparams file.")
-    checkpoint.restore_model(model, _read_state_dict(file), file)
+    checkpoint.restore_model(model, checkpoint.load_model_state(file), file)
 
 
 @contextlib.contextmanager
@@ -96,13 +84,6 @@ def _mode(model, training):
         yield
     finally:
         model.train() if was_training else model.eval()
-
-
-def _cross_entropy_sum(logits, labels):
-    # Not F.cross_entropy: Paddle's CPU kernel caps each image's loss at 64, which would hide how
-    # wrong a confidently wrong model is.
-    picked = paddle.take_along_axis(logits, labels.unsqueeze(-1), axis=-1).squeeze(-1)
-    return (paddle.logsumexp(logits, axis=-1) - picked).sum()
 
 
 @paddle.no_grad()
@@ -120,7 +101,7 @@ def evaluate(model, loader, batch_transform, num_classes, context, amp="none"):
             with autocast(amp):
                 logits = model(batch_transform(images))
             logits = logits.astype("float32")
-            loss_sum += _cross_entropy_sum(logits, labels).astype("float64")
+            loss_sum += cross_entropy(logits, labels, reduction="sum").astype("float64")
             ranked = paddle.topk(logits, k=k, axis=-1)[1]
             hits = (ranked == labels.unsqueeze(-1)).astype("float64")
             one_hot = F.one_hot(labels, num_classes).astype("float64")

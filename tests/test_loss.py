@@ -6,6 +6,7 @@ import paddle
 import pytest
 
 from rdrop import RDropLoss, rdrop_logits, symmetric_kl
+from rdrop.loss import cross_entropy
 
 
 def numpy_symmetric_kl_rows(a, b):
@@ -138,3 +139,12 @@ def test_concatenated_halves_get_independent_dropout_masks():
     logits_a, logits_b = rdrop_logits(model, tensor(np.ones((3, 6))), True, concat_batch=True)
     assert not np.allclose(logits_a.numpy(), logits_b.numpy())
     assert float(symmetric_kl(logits_a, logits_b, "sum")) > 0
+
+
+def test_cross_entropy_is_exact_where_paddles_kernel_caps_it():
+    logits = np.array([[200.0, 0.0, -5.0], [1.0, 2.0, 3.0]])
+    labels = np.array([1, 2])
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    expected = log_z - logits[np.arange(2), labels]  # 200.0 for the first image
+    assert float(cross_entropy(tensor(logits), paddle.to_tensor(labels), "sum")) == pytest.approx(expected.sum(), rel=1e-6)
+    assert float(cross_entropy(tensor(logits), paddle.to_tensor(labels))) == pytest.approx(expected.mean(), rel=1e-6)

@@ -1,0 +1,129 @@
+"""Plot training loss, R-Drop KL and evaluation top-1 of several runs on one figure.
+
+    python scripts/plot_curves.py output/vit_b16_cifar100 output/vit_b16_cifar100_rdrop --output curves.png
+
+Reads the VisualDL scalars each run wrote into RUN_DIR/vdl (`train/loss`, `train/kl`, `eval/top1`)
+and draws one panel per quantity against the optimizer step, one curve per run, labelled with the
+run folder's name. A resumed run has one VisualDL file per session; they are merged, the later
+session's value winning where both logged the same step. A run without one of the tags is drawn
+without that curve (and a note is logged); a folder without VisualDL logs is an error.
+"""
+import argparse
+import glob
+import logging
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # files only, no display needed
+
+import matplotlib.pyplot as plt  # noqa: E402
+from visualdl import LogReader  # noqa: E402
+
+from rdrop import distributed, logs  # noqa: E402
+from rdrop.errors import UserError, exit_on_user_error  # noqa: E402
+
+logger = logging.getLogger("plot_curves")
+
+VISUALDL_DIR = "vdl"  # where train.py's rdrop.logs.MetricsWriter writes
+PANELS = (("train/loss", "training loss (CE + alpha KL)"),
+          ("train/kl", "symmetric KL between the two dropout passes"),
+          ("eval/top1", "evaluation top-1 (%)"))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders (train.output_dir)")
+    parser.add_argument("--output", required=True, help="image file to write (PNG)")
+    return parser.parse_args(argv)
+
+
+def visualdl_files(run_dir):
+    files = sorted(glob.glob(os.path.join(run_dir, VISUALDL_DIR, "vdlrecords.*.log")), key=_written_at)
+    if not files:
+        raise UserError(f"'{run_dir}' holds no VisualDL logs ({os.path.join(run_dir, VISUALDL_DIR)}/vdlrecords.*.log "
+                        f"is missing). Pass the train.output_dir of a training run.")
+    return files
+
+
+def _written_at(path):
+    """The creation time VisualDL puts in the file name (vdlrecords.<unix time>.log), for ordering sessions."""
+    stamp = os.path.basename(path).split(".")[1]
+    return (int(stamp) if stamp.isdigit() else 0, path)
+
+
+def read_scalars(files, tags):
+    """{tag: (steps, values)} sorted by step, merged over `files` (later files win on equal steps)."""
+    merged = {tag: {} for tag in tags}
+    for path in files:
+        try:
+            reader = LogReader(file_path=path)
+            present = set(reader.get_tags().get("scalar", []))
+            for tag in tags:
+                if tag in present:
+                    merged[tag].update((record.id, record.value) for record in reader.get_data("scalar", tag))
+        except Exception as error:  # VisualDL's protobuf reader raises many types on a damaged file
+            raise UserError(f"Cannot read the VisualDL log '{path}' ({type(error).__name__}: {error}). The file "
+                            f"is damaged; move it out of the vdl folder to plot the others.") from None
+    return {tag: (sorted(points), [points[step] for step in sorted(points)]) for tag, points in merged.items()
+            if points}
+
+
+def run_labels(run_dirs):
+    """Each run's folder name, or its last two path parts where folder names repeat."""
+    names = [os.path.basename(os.path.normpath(run)) for run in run_dirs]
+    return [os.path.join(*pathlib.Path(os.path.abspath(run)).parts[-2:]) if names.count(name) > 1 else name
+            for run, name in zip(run_dirs, names)]
+
+
+def plot(runs, output):
+    """Draw {label: {tag: (steps, values)}} into `output`; returns {tag: labels of the runs drawn}."""
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4.5), constrained_layout=True)
+    drawn = {}
+    for axis, (tag, title) in zip(axes, PANELS):
+        drawn[tag] = []
+        for index, (label, scalars) in enumerate(runs.items()):
+            if tag not in scalars:
+                continue
+            steps, values = scalars[tag]
+            axis.plot(steps, values, label=label, color=f"C{index}", marker="o" if len(steps) < 30 else None)
+            drawn[tag].append(label)
+        axis.set_title(f"{title}\n{tag}", fontsize=10)
+        axis.set_xlabel("optimizer step")
+        axis.grid(alpha=0.3)
+        if drawn[tag]:
+            axis.legend(fontsize=8)
+        else:
+            axis.text(0.5, 0.5, "no run logged this", ha="center", va="center", transform=axis.transAxes)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        figure.savefig(output, dpi=120)
+    except OSError as error:
+        raise UserError(f"Cannot write the figure to --output '{output}' ({error.strerror or error}). Choose a "
+                        f"writable path.") from None
+    finally:
+        plt.close(figure)
+    return drawn
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    logs.setup(distributed.Context(0, 1))
+    tags = [tag for tag, _ in PANELS]
+    runs = {label: read_scalars(visualdl_files(run), tags) for label, run in zip(run_labels(args.runs), args.runs)}
+    for label, scalars in runs.items():
+        for tag in tags:
+            if tag not in scalars:
+                logger.warning("note: run %s logged no %s; its curve is left out", label, tag)
+    drawn = plot(runs, args.output)
+    logger.info("Wrote %s (%d run(s))", args.output, len(runs))
+    return drawn
+
+
+if __name__ == "__main__":
+    main()

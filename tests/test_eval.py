@@ -1,0 +1,202 @@
+"""eval.py on generated archives: hand-checkable metrics, the run-config discovery, strict weights,
+dropout consistency, and exact counting over 2 and 3 processes."""
+import json
+
+import numpy as np
+import paddle
+import pytest
+
+import data
+import eval as evaluate_script
+from cifar_archive import cifar100_arrays, fine_label_names, write_cifar100_archive
+from eval_helpers import CHECKPOINT_STEP, fixed_class_weights, random_weights, write_run
+from rdrop import evaluation
+from rdrop.distributed import Context
+from run_helpers import launch
+from vit_reference import google_vit_forward, write_google_npz
+
+NUM_TRAIN, NUM_TEST = 48, 21  # 21 test images: not divisible by 2 or 3 processes
+
+
+@pytest.fixture(scope="module")
+def archive10(tmp_path_factory):
+    """10 classes, so the 21 test images give classes of 2 or 3 images each."""
+    return write_cifar100_archive(tmp_path_factory.mktemp("cifar10") / "cifar-100-python.tar.gz",
+                                  num_train=NUM_TRAIN, num_test=NUM_TEST, num_classes=10)
+
+
+def run_eval(capsys, *args):
+    """eval.main with `args`; returns (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_script.main(list(args))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_fixed_class_model_gives_the_closed_form_metrics(tmp_path, archive10, capsys):
+    # Logits equal the head bias for every image: class 7 first, then 2, 9, 0, 4 (the top 5), ...
+    # The spread makes some images' loss exceed 64, where Paddle's CPU cross-entropy would clip.
+    head_bias = np.zeros(10)
+    head_bias[[7, 2, 9, 0, 4, 1, 8, 3, 6, 5]] = 15.0 * np.arange(10)[::-1]
+    run, _, _ = write_run(tmp_path, archive10, "fixed", fixed_class_weights(head_bias), model={"num_classes": 10})
+    evaluate_script.main(["--checkpoint", str(run / "best.pdparams"), "--output", str(tmp_path / "m.json")])
+    printed = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+
+    labels = cifar100_arrays(NUM_TRAIN, NUM_TEST, num_classes=10)["test"][1]
+    bias = head_bias.astype(np.float32).astype(np.float64)
+    log_sum_exp = np.log(np.sum(np.exp(bias - bias.max()))) + bias.max()
+    assert metrics["num_samples"] == NUM_TEST
+    assert metrics["top1"] == pytest.approx(100.0 * np.mean(labels == 7))
+    assert metrics["top5"] == pytest.approx(100.0 * np.mean(np.isin(labels, [7, 2, 9, 0, 4])))
+    assert metrics["loss"] == pytest.approx(np.mean(log_sum_exp - bias[labels]), rel=1e-6)
+    assert max(log_sum_exp - bias[labels]) > 64
+    counts = np.bincount(labels, minlength=10)
+    assert metrics["per_class_count"] == counts.tolist()
+    assert metrics["per_class"] == [100.0 if label == 7 else 0.0 for label in range(10)]
+    assert metrics["class_names"] == fine_label_names(10)
+    # Every class but 7 scores 0 %: the worst are the five lowest class indices other than 7.
+    assert [worst["name"] for worst in metrics["worst_classes"]] == fine_label_names(10)[:5]
+    assert [worst["num_samples"] for worst in metrics["worst_classes"]] == counts[:5].tolist()
+    assert metrics["split"] == "test" and metrics["config"] == str(run / "config.yaml")
+    assert "top-1" in printed and fine_label_names(10)[4] in printed
+
+
+def test_classes_without_test_images_have_no_accuracy(tmp_path, archive, capsys):
+    run, _, _ = write_run(tmp_path, archive, "sparse", random_weights())
+    metrics = evaluate_script.main(["--checkpoint", str(run / "best.pdparams")])
+    labels = cifar100_arrays(NUM_TRAIN, NUM_TEST)["test"][1]
+    absent = sorted(set(range(100)) - set(labels.tolist()))
+    assert [metrics["per_class"][label] for label in absent] == [None] * len(absent)
+    assert all(metrics["per_class"][label] in (0.0, 100.0) for label in labels)
+    assert metrics["per_class_count"] == np.bincount(labels, minlength=100).tolist()
+
+
+def test_run_config_is_found_from_a_checkpoint_folder_file_or_best_weights(tmp_path, archive10):
+    run, _, _ = write_run(tmp_path, archive10, "found", fixed_class_weights(np.arange(10.0)), model={"num_classes": 10})
+    step_folder = run / "checkpoints" / f"step_{CHECKPOINT_STEP}"
+    for weights in (step_folder, step_folder / "model.pdparams", run / "best.pdparams"):
+        assert evaluation.run_config_path(str(weights)) == str(run / "config.yaml")
+    metrics = evaluate_script.main(["--checkpoint", str(step_folder)])
+    assert metrics["config"] == str(run / "config.yaml") and metrics["num_samples"] == NUM_TEST
+
+
+def test_missing_run_config_and_npz_without_config_are_clear_errors(tmp_path, archive10, capsys):
+    run, _, _ = write_run(tmp_path, archive10, "lost", fixed_class_weights(np.arange(10.0)), model={"num_classes": 10})
+    (run / "config.yaml").unlink()
+    code, message = run_eval(capsys, "--checkpoint", str(run / "best.pdparams"))
+    assert code == 2 and "No --config given" in message and str(run / "best.pdparams") in message
+    write_google_npz(tmp_path / "ViT-tiny.npz")
+    code, message = run_eval(capsys, "--checkpoint", str(tmp_path / "ViT-tiny.npz"))
+    assert code == 2 and "Google .npz" in message and "--config" in message
+    code, message = run_eval(capsys, "--checkpoint", str(tmp_path / "nowhere.pdparams"))
+    assert code == 2 and "does not exist" in message
+
+
+def test_unreadable_weights_and_a_run_folder_are_clear_errors(tmp_path, archive10, capsys):
+    run, _, _ = write_run(tmp_path, archive10, "broken", fixed_class_weights(np.arange(10.0)),
+                          model={"num_classes": 10})
+    (run / "best.pdparams").write_bytes(b"not a pickle")
+    code, message = run_eval(capsys, "--checkpoint", str(run / "best.pdparams"))
+    assert code == 2 and str(run / "best.pdparams") in message and "Traceback" not in message
+    code, message = run_eval(capsys, "--checkpoint", str(run))
+    assert code == 2 and "model.pdparams" in message and "best.pdparams" in message
+
+
+def test_weights_of_another_shape_are_refused_naming_both_shapes(tmp_path, archive, archive10, capsys):
+    ten, _, _ = write_run(tmp_path, archive10, "ten", random_weights(), model={"num_classes": 10})
+    hundred, _, _ = write_run(tmp_path, archive, "hundred", random_weights())
+    code, message = run_eval(capsys, "--checkpoint", str(ten / "best.pdparams"),
+                             "--config", str(hundred / "config.yaml"))
+    assert code == 2
+    assert "head.weight" in message and "(16, 10)" in message and "(16, 100)" in message
+    assert "Traceback" not in message
+
+
+GOOGLE_DIMS = {"embed_dim": 32, "num_heads": 4, "mlp_dim": 64}  # those of vit_reference's tiny .npz
+
+
+def test_npz_is_evaluated_as_the_reference_model(tmp_path, archive):
+    run, cfg, _ = write_run(tmp_path, archive, "google", random_weights(), model=GOOGLE_DIMS)
+    arrays = write_google_npz(tmp_path / "ViT-tiny.npz", num_classes=100)
+    metrics = evaluate_script.main(["--checkpoint", str(tmp_path / "ViT-tiny.npz"),
+                                    "--config", str(run / "config.yaml")])
+    images = np.concatenate([batch.numpy() for batch, _ in data.build_eval_loader(cfg, "test", 0, 1)])
+    labels = cifar100_arrays(NUM_TRAIN, NUM_TEST)["test"][1]
+    logits = google_vit_forward(arrays, images)
+    peak = logits.max(-1)
+    losses = np.log(np.exp(logits - peak[:, None]).sum(-1)) + peak - logits[np.arange(NUM_TEST), labels]
+    assert metrics["top1"] == pytest.approx(100.0 * np.mean(logits.argmax(-1) == labels))
+    assert metrics["loss"] == pytest.approx(losses.mean(), rel=1e-4)
+
+
+def test_npz_is_evaluated_strictly(tmp_path, archive, capsys):
+    """A Google checkpoint with a 10-class head is not re-initialised to fit a 100-class model."""
+    run, _, _ = write_run(tmp_path, archive, "google", random_weights(), model=GOOGLE_DIMS)
+    write_google_npz(tmp_path / "ViT-tiny.npz", num_classes=10)
+    code, message = run_eval(capsys, "--checkpoint", str(tmp_path / "ViT-tiny.npz"),
+                             "--config", str(run / "config.yaml"))
+    assert code == 2 and "10" in message and "100" in message and "head" in message
+
+
+def numpy_symmetric_kl(logits_a, logits_b):
+    def log_softmax(logits):
+        shifted = logits - logits.max(-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+    log_p, log_q = log_softmax(logits_a.astype(np.float64)), log_softmax(logits_b.astype(np.float64))
+    return np.sum((np.exp(log_p) - np.exp(log_q)) * (log_p - log_q), axis=-1)
+
+
+def test_dropout_consistency_averages_over_images_and_passes(tmp_path, archive):
+    _, _, model = write_run(tmp_path, archive, "kl", random_weights(), model={"dropout": 0.3})
+    images = paddle.to_tensor(np.random.default_rng(3).standard_normal((6, 3, 16, 16)).astype(np.float32))
+    labels = paddle.zeros([6], dtype="int64")
+    samples = 4
+    paddle.seed(11)
+    model.eval()
+    reference = model(images).numpy()
+    model.train()
+    sampled = [model(images).numpy() for _ in range(samples)]
+    model.eval()
+    paddle.seed(11)
+    result = evaluation.dropout_consistency(model, [(images, labels)], lambda batch: batch, samples, Context(0, 1))
+    kl = np.mean([numpy_symmetric_kl(logits, reference) for logits in sampled])
+    changed = np.mean([logits.argmax(-1) != reference.argmax(-1) for logits in sampled])
+    assert kl > 0
+    assert result["symmetric_kl"] == pytest.approx(kl, rel=1e-5)
+    assert result["disagreement"] == pytest.approx(100.0 * changed)
+    assert not model.training  # the mode is restored
+
+
+def test_consistency_is_zero_without_dropout_and_positive_with_it(tmp_path, archive, capsys):
+    run, _, _ = write_run(tmp_path, archive, "drop", random_weights())
+    checkpoint = str(run / "best.pdparams")
+    without = evaluate_script.main(["--checkpoint", checkpoint, "--consistency", "3", "-o", "model.dropout=0.0"])
+    assert without["consistency"] == {"samples": 3, "symmetric_kl": 0.0, "disagreement": 0.0}
+    with_dropout = evaluate_script.main(["--checkpoint", checkpoint, "--consistency", "3",
+                                         "-o", "model.dropout=0.3"])
+    assert with_dropout["consistency"]["symmetric_kl"] > 0
+    assert with_dropout["consistency"]["disagreement"] > 0
+    # The deterministic metrics do not depend on the dropout rate.
+    assert with_dropout["top1"] == without["top1"] and with_dropout["loss"] == pytest.approx(without["loss"])
+    code, message = run_eval(capsys, "--checkpoint", checkpoint, "--consistency", "-1")
+    assert code == 2 and "--consistency" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [2, 3])
+def test_every_image_is_counted_once_on_several_processes(tmp_path, archive, processes):
+    run, _, _ = write_run(tmp_path, archive, "ranks", random_weights(), eval={"batch_size": 4})
+    checkpoint = str(run / "best.pdparams")
+    single = evaluate_script.main(["--checkpoint", checkpoint])
+    result = launch(["--checkpoint", checkpoint, "--output", str(tmp_path / "m.json")], tmp_path / "logs",
+                    processes=processes, script="eval.py")
+    logs = "".join(path.read_text() for path in (tmp_path / "logs").glob("workerlog.*"))
+    assert result.returncode == 0, result.stdout + result.stderr + logs
+    several = json.loads((tmp_path / "m.json").read_text())
+    assert several["num_samples"] == single["num_samples"] == NUM_TEST
+    assert several["per_class_count"] == single["per_class_count"]
+    for key in ("top1", "top5", "per_class"):
+        assert several[key] == single[key], key
+    assert several["loss"] == pytest.approx(single["loss"], rel=1e-6)
+    assert 0 < single["top5"] < 100  # generic predictions, not a degenerate all-or-nothing case

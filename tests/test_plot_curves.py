@@ -1,0 +1,72 @@
+"""scripts/plot_curves.py on VisualDL logs written here: merged sessions, missing tags, the figure."""
+import importlib.util
+import os
+
+import matplotlib.image
+import numpy as np
+import pytest
+from visualdl import LogWriter
+
+from run_helpers import ROOT
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+plot_curves = load_script("plot_curves")
+
+
+def write_session(run_dir, file_name, scalars):
+    """One training session's VisualDL file: scalars is {tag: [(step, value), ...]}."""
+    with LogWriter(logdir=str(run_dir / "vdl"), file_name=file_name) as writer:
+        for tag, points in scalars.items():
+            for step, value in points:
+                writer.add_scalar(tag=tag, value=value, step=step)
+
+
+def test_two_runs_are_plotted_and_a_missing_tag_is_noted(tmp_path, capsys):
+    write_session(tmp_path / "baseline", "vdlrecords.100.log", {
+        "train/loss": [(2, 4.0), (4, 3.5), (6, 3.0)], "train/kl": [(2, 0.0), (4, 0.0), (6, 0.0)],
+        "eval/top1": [(3, 10.0), (6, 20.0)]})
+    write_session(tmp_path / "rdrop", "vdlrecords.100.log", {
+        "train/loss": [(2, 4.2), (4, 3.6), (6, 3.1)], "train/kl": [(2, 0.5), (4, 0.3), (6, 0.2)]})
+    output = tmp_path / "figures" / "curves.png"
+    drawn = plot_curves.main([str(tmp_path / "baseline"), str(tmp_path / "rdrop"), "--output", str(output)])
+    assert drawn == {"train/loss": ["baseline", "rdrop"], "train/kl": ["baseline", "rdrop"],
+                     "eval/top1": ["baseline"]}
+    assert "rdrop logged no eval/top1" in capsys.readouterr().out
+    assert output.read_bytes()[:8] == PNG_SIGNATURE
+    pixels = matplotlib.image.imread(str(output))
+    assert pixels.shape[0] > 100 and np.ptp(pixels[..., :3]) > 0.5  # something was drawn on it
+
+
+def test_sessions_of_a_resumed_run_are_merged_the_later_one_winning(tmp_path):
+    run = tmp_path / "resumed"
+    # Killed after logging step 4 past its step-3 checkpoint; the resumed session logs 4 and 6 again.
+    write_session(run, "vdlrecords.100.log", {"train/loss": [(2, 4.0), (4, 3.9)]})
+    write_session(run, "vdlrecords.200.log", {"train/loss": [(4, 3.5), (6, 3.0)]})
+    files = plot_curves.visualdl_files(str(run))
+    scalars = plot_curves.read_scalars(files, ["train/loss", "eval/top1"])
+    steps, values = scalars["train/loss"]
+    assert steps == [2, 4, 6]
+    np.testing.assert_allclose(values, [4.0, 3.5, 3.0])
+    assert "eval/top1" not in scalars
+
+
+def test_runs_with_the_same_folder_name_are_told_apart():
+    assert plot_curves.run_labels(["a/run", "b/run", "c/other"]) == ["a/run", "b/run", "other"]
+
+
+def test_a_folder_without_visualdl_logs_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "empty" / "vdl").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        plot_curves.main([str(tmp_path / "empty"), "--output", str(tmp_path / "curves.png")])
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and str(tmp_path / "empty") in message and "VisualDL" in message
+    assert not (tmp_path / "curves.png").exists()
