@@ -29,7 +29,6 @@ import os
 import rdrop  # noqa: E402,F401  (first: it quiets Paddle's import-time logging)
 
 import paddle  # noqa: E402
-import paddle.distributed as dist  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402

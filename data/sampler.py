@@ -12,7 +12,6 @@ together cover every image exactly once, with no padding.
 """
 from dataclasses import dataclass
 
-import numpy as np
 
 from data.seeding import Purpose, derived_rng
 
