@@ -193,7 +193,6 @@ SCHEMA = {
         "recompute": Key(False, boolean(),
                          "Recompute block activations in the backward pass: less memory, about a third "
                          "more compute."),
-        "to_static": Key(False, boolean(), "Compile the model with `paddle.jit.to_static` (CINN on GPU)."),
         "cpu_threads": Key(None, integer(1, nullable=True),
                            "Math threads per process on CPU; null uses this node's cores divided by the "
                            "processes the launcher started."),
