@@ -88,6 +88,7 @@ def build_model(model_cfg):
         dropout=model_cfg["dropout"],
         attn_dropout=model_cfg["attn_dropout"],
         drop_path=model_cfg["drop_path"],
+        cpu_kernels=model_cfg["cpu_kernels"],
         **dataclasses.asdict(architecture),
     )
     if model_cfg.get("pretrained"):

@@ -126,6 +126,11 @@ SCHEMA = {
         "num_heads": Key(None, integer(1, nullable=True),
                          "Attention heads; divides embed_dim (`name: vit` only)."),
         "mlp_dim": Key(None, integer(1, nullable=True), "Hidden width of the MLP (`name: vit` only)."),
+        "cpu_kernels": Key(True, boolean(),
+                           "On the CPU (eager float32), run layer norm, GELU and dropout through this "
+                           "repository's multi-threaded kernels (`models/cpu_kernels.cc`, compiled once on "
+                           "first use; Paddle's kernels if that fails) and Linear with a faster bias "
+                           "gradient; false uses Paddle's kernels. No effect on GPUs."),
     },
     "rdrop": {
         "alpha": Key(0.3, number(0),
@@ -193,6 +198,10 @@ SCHEMA = {
         "recompute": Key(False, boolean(),
                          "Recompute block activations in the backward pass: less memory, about a third "
                          "more compute."),
+        "to_static": Key(False, boolean(),
+                         "Convert the model's forward to a static program (`paddle.jit.to_static`), which "
+                         "CUDA builds of Paddle with CINN compile and fuse; for GPUs (slower than eager "
+                         "on CPU, where the CPU kernels do not apply to it). Not with recompute."),
         "cpu_threads": Key(None, integer(1, nullable=True),
                            "Math threads per process on CPU; null uses this node's cores divided by the "
                            "processes the launcher started."),

@@ -6,6 +6,7 @@ import paddle
 import pytest
 
 import models
+from rdrop import config
 from models.vit import Attention
 from rdrop.errors import UserError
 from vit_reference import tiny_model_cfg, write_google_npz
@@ -21,10 +22,8 @@ PRESET_DIMS = {  # patch, width, depth, heads, MLP: the ViT and AugReg papers' t
 
 
 def preset_cfg(name, img_size=224, num_classes=100, **overrides):
-    cfg = dict(name=name, img_size=img_size, num_classes=num_classes, dropout=0.1, attn_dropout=0.0,
-               drop_path=0.0, pretrained=None, patch_size=None, embed_dim=None, depth=None, num_heads=None,
-               mlp_dim=None)
-    cfg.update(overrides)
+    cfg = config.defaults()["model"]
+    cfg.update(name=name, img_size=img_size, num_classes=num_classes, **overrides)
     return cfg
 
 

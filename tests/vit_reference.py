@@ -10,12 +10,15 @@ import math
 
 import numpy as np
 
+from rdrop import config
+
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=10)
 
 
 def tiny_model_cfg(**overrides):
     """A complete `model:` config section for the tiny `vit` used throughout the tests."""
-    cfg = dict(name="vit", dropout=0.1, attn_dropout=0.0, drop_path=0.0, pretrained=None, **TINY)
+    cfg = config.defaults()["model"]
+    cfg.update(name="vit", dropout=0.1, **TINY)
     cfg.update(overrides)
     return cfg
 
