@@ -26,7 +26,7 @@ import models  # noqa: E402
 from rdrop import checkpoint, config, distributed, evaluation, logs, optim, precision, runtime  # noqa: E402
 from rdrop.errors import UserError, exit_on_user_error  # noqa: E402
 from rdrop.preemption import StopRequest  # noqa: E402
-from rdrop.step import LOSS_NAMES, TrainStep  # noqa: E402
+from rdrop.step import LOSS_NAMES, TrainStep, compile_model  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -86,6 +86,7 @@ def main(argv=None):
     paddle.seed(train_cfg["seed"])
     model = models.build_model(cfg["model"])
     model.recompute = train_cfg["recompute"]
+    model = compile_model(model, train_cfg["to_static"])
     optimizer, scheduler = optim.build(cfg["optimizer"], cfg["schedule"], model)
     scaler = precision.loss_scaler(train_cfg["amp"])
 

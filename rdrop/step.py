@@ -1,4 +1,5 @@
-"""One optimizer step of R-Drop training, shared by train.py and scripts/benchmark.py.
+"""One optimizer step of R-Drop training, and the model it runs, shared by train.py and
+scripts/benchmark.py.
 
 A step accumulates gradients over `accumulation` micro-batches (the all-reduce of the data-parallel
 model runs only on the last one), unscales them (fp16), clips them to the global norm and applies
@@ -11,9 +12,22 @@ import contextlib
 import paddle
 
 from rdrop import distributed, optim, precision
+from rdrop.errors import UserError
 from rdrop.loss import RDropLoss, rdrop_logits
 
 LOSS_NAMES = ("loss", "ce", "kl")
+
+
+def compile_model(model, to_static):
+    """`model`, with `to_static` converted in place to run its forward as a static program (same
+    layer and parameters). The whole forward is converted (`full_graph`), so a construct the converter
+    cannot handle fails at the first step instead of silently running eagerly."""
+    if not to_static:
+        return model
+    if model.recompute:
+        raise UserError("train.to_static and train.recompute cannot be combined: recomputation runs the "
+                        "blocks eagerly. Turn one of them off in the config.")
+    return paddle.jit.to_static(model, full_graph=True)
 
 
 class TrainStep:

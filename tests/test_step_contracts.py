@@ -1,5 +1,6 @@
-"""Contracts of the training step that speed depends on: no host reads per micro-step, and
-activation recomputation that reproduces R-Drop's two dropout samples exactly."""
+"""Contracts of the training step that speed depends on: no host reads per micro-step, none in
+train.py's loop between logging points, activation recomputation that reproduces R-Drop's two
+dropout samples exactly, and a static-program model that computes what the eager one does."""
 import contextlib
 
 import numpy as np
@@ -7,8 +8,12 @@ import paddle
 import pytest
 
 import models
+import train
 from rdrop import config, distributed, optim, precision
-from rdrop.step import TrainStep
+from rdrop.errors import UserError
+from rdrop.loss import RDropLoss
+from rdrop.step import TrainStep, compile_model
+from run_helpers import tiny_config
 
 HOST_READS = ("numpy", "item", "tolist", "__float__", "__int__", "__bool__", "__index__", "__array__",
               "__repr__", "__str__", "__format__")
@@ -102,3 +107,92 @@ def test_recompute_gives_the_same_losses_and_update_with_dropout_on():
         assert recomputed_losses[name] == pytest.approx(losses[name], rel=1e-6, abs=1e-7)
     for name in weights:
         np.testing.assert_allclose(recomputed_weights[name], weights[name], atol=1e-6, err_msg=name)
+
+
+def host_reads_in_train_loop(tmp_path, archive, monkeypatch):
+    """Run train.main for 4 steps with logging, evaluation and saving only after the last, and return
+    the host reads inside each TrainStep call and between consecutive calls."""
+    marks = []
+
+    class RecordingStep(TrainStep):
+        def __call__(self, *args, **kwargs):
+            marks.append(counter["reads"])
+            outcome = super().__call__(*args, **kwargs)
+            marks.append(counter["reads"])
+            return outcome
+
+    monkeypatch.setattr(train, "TrainStep", RecordingStep)
+    path = tiny_config(tmp_path, archive, schedule={"warmup_steps": 1, "total_steps": 4},
+                       train={"log_every": 100, "eval_every": 0, "save_every": 0})
+    with counting_host_reads() as counter:
+        train.main(["--config", path])
+    starts, ends = marks[0::2], marks[1::2]
+    assert len(starts) == 4
+    inside = [end - start for start, end in zip(starts, ends)]
+    between = [start - end for end, start in zip(ends[:-1], starts[1:])]
+    return inside, between
+
+
+def test_train_loop_reads_the_host_once_per_step_and_never_between_logging_points(tmp_path, archive, monkeypatch):
+    inside, between = host_reads_in_train_loop(tmp_path, archive, monkeypatch)
+    assert inside == [1, 1, 1, 1]  # the finite/stop flag; the 2 micro-batches are loaded inside the step
+    assert between == [0, 0, 0]
+
+
+def test_the_train_loop_count_catches_planted_reads(tmp_path, archive, monkeypatch):
+    """The same measurement with a float(loss) planted in every micro-step and one in the loop."""
+    criterion_call, seed_for_step = RDropLoss.__call__, train.dropout_seed
+
+    def reading_criterion(self, *args):
+        losses = criterion_call(self, *args)
+        float(losses["loss"])
+        return losses
+
+    def reading_seed(*args):
+        float(paddle.ones([]))
+        return seed_for_step(*args)
+
+    monkeypatch.setattr(RDropLoss, "__call__", reading_criterion)
+    monkeypatch.setattr(train, "dropout_seed", reading_seed)
+    inside, between = host_reads_in_train_loop(tmp_path, archive, monkeypatch)
+    assert inside == [3, 3, 3, 3]
+    assert between == [1, 1, 1]
+
+
+def test_compile_model_leaves_the_model_eager_when_off():
+    model = models.build_model(tiny_cfg()["model"])
+    model.recompute = False
+    assert compile_model(model, False) is model
+
+
+def test_to_static_and_recompute_together_are_a_user_error():
+    model = models.build_model(tiny_cfg()["model"])
+    model.recompute = True
+    with pytest.raises(UserError, match="to_static"):
+        compile_model(model, True)
+
+
+@pytest.mark.filterwarnings("ignore:Tensor do not have 'place' interface")  # raised inside Paddle's converter
+def test_static_program_gives_the_eager_logits_and_gradients():
+    rng = np.random.default_rng(5)
+    images = paddle.to_tensor(rng.standard_normal((4, 3, 16, 16)).astype(np.float32))
+    labels = paddle.to_tensor(rng.integers(0, 10, 4))
+    results = []
+    for to_static in (False, True):
+        paddle.seed(0)
+        model = models.build_model(dict(tiny_cfg()["model"], dropout=0.0, attn_dropout=0.0))
+        model.recompute = False
+        paddle.nn.initializer.Normal(std=0.5)(model.head.weight)  # the zero head would hide every gradient
+        model = compile_model(model, to_static)
+        model.train()
+        logits = model(images)
+        paddle.nn.functional.cross_entropy(logits, labels).backward()
+        model.eval()
+        with paddle.no_grad():
+            evaluated = model(images).numpy()
+        results.append((logits.numpy(), evaluated, {name: p.grad.numpy() for name, p in model.named_parameters()}))
+    (logits, evaluated, gradients), (static_logits, static_evaluated, static_gradients) = results
+    np.testing.assert_allclose(static_logits, logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(static_evaluated, evaluated, rtol=1e-5, atol=1e-5)
+    for name, gradient in gradients.items():
+        np.testing.assert_allclose(static_gradients[name], gradient, rtol=1e-4, atol=1e-5, err_msg=name)
