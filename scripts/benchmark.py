@@ -1,152 +1,351 @@
-"""Measure the training step (with and without R-Drop) and evaluation on the current device.
+"""Speed and memory of the real training step and of evaluation on the current device, with random data.
 
-    python scripts/benchmark.py --config configs/vit_b16_cifar100_rdrop.yaml [-o key=value ...]
-        [--steps 10] [--warmup 3] [--json out.json] [--peak-tflops 989] [--recompute]
+    python scripts/benchmark.py --config configs/vit_b16_cifar100_rdrop.yaml --steps 20
+    python scripts/benchmark.py --config configs/cpu_comparison.yaml --steps 5 --warmup 2 \
+        --torch-reference ../shared/bench/torch_reference.py      # side by side with PyTorch (CPU)
+    python scripts/benchmark.py --config CFG --recompute --json out.json   # + what recompute saves
 
-Random data of the config's shape goes through the real model, loss, optimizer and AMP settings:
-the same `rdrop.step.TrainStep` that train.py runs, on one device. Each measurement runs in a fresh
-process, so peak memory belongs to that measurement alone.
+The model, loss, optimizer, loss scaler, AMP and `train.to_static` settings are built from the config
+as train.py builds them, and every training step is a call of `rdrop.step.TrainStep`, the step
+train.py runs. Random images and labels of the config's shape replace the data
+(scripts/benchmark_input.py measures the input path), and `model.pretrained` is ignored: the weights
+do not change the speed. One process on the current device (no launcher).
 
-Reported per mode: img_per_s (distinct training images per second; R-Drop sees each image twice and
-counts it once), step_time_s (seconds per optimizer step), peak memory (GPU: Paddle's max allocated;
-CPU: peak resident set), forward GFLOPs per image (analytic), achieved TFLOP/s (a training pass is
-3x the forward, R-Drop two passes per image) and utilisation of --peak-tflops.
+Modes, each measured in a fresh process so that its peak memory is its own (a process's peak RSS
+cannot be reset, and Paddle's allocators keep freed blocks):
+
+    rdrop            the training step with R-Drop at the config's rdrop.alpha
+    plain            the same step without R-Drop (rdrop.alpha 0: one pass, cross-entropy only)
+    eval             evaluation: a forward pass without gradients over eval.batch_size images
+    rdrop_recompute  with --recompute: the R-Drop step with train.recompute on (the modes above
+                     then run with it off, whatever the config says)
+
+Reported per mode: img_per_s (distinct images per second; R-Drop sees each image twice and it is
+counted once), step_time_s (mean seconds per optimizer step or evaluation batch), peak memory
+(GPU: paddle.device.cuda.max_memory_allocated; CPU: peak RSS of the process), the analytic forward
+FLOPs per image (models.forward_flops) and the achieved model FLOP/s: a training pass costs about
+3x its forward (backward about 2x), so plain training counts 3x and R-Drop 6x forward FLOPs per
+distinct image, evaluation 1x; recomputation's extra forward is not counted (model FLOPs, the MFU
+convention). Utilisation is that rate over --peak-tflops, which defaults to the dense tensor-core
+peak of known GPUs (16-bit with train.amp bf16/fp16, TF32 without) and to none on CPU.
+
+--torch-reference PATH also times a PyTorch implementation of the same step (a script taking
+torch_reference.py's arguments and printing its JSON line) with the config's model size, batch,
+alpha and train.cpu_threads, R-Drop and plain, each right after the same Paddle mode, so both
+frameworks see the same machine load. PyTorch is needed only for that, never by this repository.
+
+Prints a table, then one JSON object (also written to --json).
 """
 import argparse
+import copy
 import json
+import os
 import pathlib
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
 import rdrop  # noqa: E402,F401  (first: it quiets Paddle's import-time logging)
+
 import paddle  # noqa: E402
 
 import models  # noqa: E402
 from rdrop import config, distributed, optim, precision, runtime  # noqa: E402
-from rdrop.errors import exit_on_user_error  # noqa: E402
-from rdrop.step import TrainStep  # noqa: E402
+from rdrop.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error  # noqa: E402
+from rdrop.step import TrainStep, compile_model  # noqa: E402
 
-# Dense bf16 tensor-core peaks (TFLOP/s), matched against the device name.
-KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                     "A10": 125.0, "V100": 125.0, "4090": 165.0}
+# Dense peak TFLOP/s by GPU name: (bf16/fp16 tensor cores, TF32 tensor cores), from NVIDIA's data
+# sheets. The first entry whose words all occur in the device name wins.
+GPU_PEAK_TFLOPS = (
+    (("H100", "PCIe"), (756.0, 378.0)),
+    (("H100",), (989.0, 494.7)),
+    (("H800",), (989.0, 494.7)),
+    (("A100",), (312.0, 156.0)),
+    (("A800",), (312.0, 156.0)),
+)
+
+TRAIN_FLOPS_PER_FORWARD = {"rdrop": 6, "plain": 3, "rdrop_recompute": 6, "eval": 1}
 MODES = ("rdrop", "plain", "eval")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per mode")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--peak-tflops", type=float, help="device peak for the utilisation column")
+    parser.add_argument("--config", help="YAML config (default: the config system's defaults, ViT-B/16 at 224 px)")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key; the value is parsed as YAML; repeatable")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (or evaluation batches) per mode")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to measure")
     parser.add_argument("--recompute", action="store_true",
-                        help="also measure the R-Drop step with train.recompute on (memory saved)")
-    parser.add_argument("--only", choices=MODES + ("rdrop_recompute",), help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+                        help="also measure the R-Drop step with train.recompute on, for its memory saving")
+    parser.add_argument("--torch-reference", metavar="PATH",
+                        help="also time this PyTorch reference script (R-Drop and plain), interleaved")
+    parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for the utilisation column")
+    parser.add_argument("--json", help="also write the JSON result to this file")
+    parser.add_argument("--only", choices=(*MODES, "rdrop_recompute"),
+                        help="measure this one mode in this process and print its JSON (used per mode)")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be at least 1 and --warmup at least 0")
+    return args
 
 
-def peak_memory_bytes():
-    if paddle.device.is_compiled_with_cuda() and paddle.device.get_device().startswith("gpu"):
-        return int(paddle.device.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def load_config(args):
+    if args.config:
+        return config.load(args.config, args.override)
+    return config.validate(config.apply_overrides(config.defaults(), args.override), source="the default config")
 
 
-def synchronize(tensor):
-    float(tensor)
+def mode_config(cfg, mode, compare_recompute):
+    cfg = copy.deepcopy(cfg)
+    cfg["model"]["pretrained"] = None
+    if mode == "plain":
+        cfg["rdrop"]["alpha"] = 0.0
+    elif mode in ("rdrop", "rdrop_recompute") and cfg["rdrop"]["alpha"] == 0:
+        raise UserError("The rdrop mode measures R-Drop but rdrop.alpha is 0 in the config; set -o rdrop.alpha=0.3 "
+                        "(or measure only the other modes with --modes plain eval).")
+    if compare_recompute:
+        cfg["train"]["recompute"] = mode == "rdrop_recompute"
+    return cfg
+
+
+def synchronize():
+    if paddle.get_device() != "cpu":  # CPU kernels are synchronous; synchronize() rejects "cpu"
+        paddle.device.synchronize()
+
+
+def timed(function, steps, warmup):
+    for _ in range(warmup):
+        function()
+    synchronize()
+    durations = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        function()
+        synchronize()
+        durations.append(time.perf_counter() - start)
+    return durations
+
+
+def random_batch(cfg, batch_size):
+    size = cfg["model"]["img_size"]
+    images = paddle.randn([batch_size, 3, size, size], dtype="float32")
+    labels = paddle.randint(0, cfg["model"]["num_classes"], [batch_size], dtype="int64")
+    return images, labels
+
+
+def peak_memory():
+    """(bytes, what they measure) for this process so far."""
+    if paddle.get_device().startswith("gpu"):
+        return paddle.device.cuda.max_memory_allocated(), "max_memory_allocated"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak if sys.platform == "darwin" else peak * 1024), "peak RSS"
 
 
 def measure(cfg, mode, steps, warmup):
-    """One mode in this process: seconds per step (or per eval batch) and peak memory."""
-    cfg["train"]["recompute"] = mode == "rdrop_recompute"
-    if mode == "plain":
-        cfg["rdrop"]["alpha"] = 0.0
-    train_cfg, model_cfg = cfg["train"], cfg["model"]
-    runtime.configure_cpu(train_cfg["cpu_threads"])
+    """One mode in this process: the durations and peak memory, as a dict."""
+    train_cfg = cfg["train"]
+    threads = runtime.configure_cpu(train_cfg["cpu_threads"])
     context = distributed.Context(0, 1)
+    accumulation = train_cfg["global_batch_size"] // train_cfg["micro_batch_size"]
+    if accumulation * train_cfg["micro_batch_size"] != train_cfg["global_batch_size"]:
+        raise UserError(f"train.global_batch_size ({train_cfg['global_batch_size']}) must be a multiple of "
+                        f"train.micro_batch_size ({train_cfg['micro_batch_size']}) for one process.")
+    # As train.py builds them (no resume, a single process).
     paddle.seed(train_cfg["seed"])
-    model = models.build_model(model_cfg)
+    model = models.build_model(cfg["model"])
     model.recompute = train_cfg["recompute"]
-    size = model_cfg["img_size"]
+    model = compile_model(model, train_cfg["to_static"])
+    load_before = os.getloadavg()
     if mode == "eval":
-        batch = cfg["eval"]["batch_size"]
-        images = paddle.randn([batch, 3, size, size])
+        images, _ = random_batch(cfg, cfg["eval"]["batch_size"])
         model.eval()
 
-        def run_once():
-            with paddle.no_grad(), precision.autocast(train_cfg["amp"]):
-                return model(images).sum()
-        images_per_run = batch
+        @paddle.no_grad()
+        def run():
+            with precision.autocast(train_cfg["amp"]):
+                model(images)
+
+        images_per_step = cfg["eval"]["batch_size"]
     else:
         optimizer, scheduler = optim.build(cfg["optimizer"], cfg["schedule"], model)
-        accumulation = train_cfg["global_batch_size"] // train_cfg["micro_batch_size"]
-        train_step = TrainStep(cfg, model, model, optimizer, scheduler, precision.loss_scaler(train_cfg["amp"]),
-                               context, accumulation)
-        micro = train_cfg["micro_batch_size"]
-        batches = [(paddle.randn([micro, 3, size, size]), paddle.randint(0, model_cfg["num_classes"], [micro]))
-                   for _ in range(accumulation)]
-        model.train()
+        scaler = precision.loss_scaler(train_cfg["amp"])
+        ddp_model, optimizer = distributed.wrap(model, optimizer, context)
+        train_step = TrainStep(cfg, model, ddp_model, optimizer, scheduler, scaler, context, accumulation)
+        micro_batches = [random_batch(cfg, train_cfg["micro_batch_size"])] * accumulation
+        ddp_model.train()
 
-        def run_once():
-            return train_step(iter(batches))["grad_norm"]
-        images_per_run = train_cfg["global_batch_size"]
-    for _ in range(warmup):
-        synchronize(run_once())
-    start = time.perf_counter()
-    for _ in range(steps):
-        result = run_once()
-    synchronize(result)
-    seconds = (time.perf_counter() - start) / steps
-    return {"mode": mode, "step_time_s": seconds, "img_per_s": images_per_run / seconds,
-            "peak_memory_mb": peak_memory_bytes() / 2**20}
+        def run():
+            train_step(micro_batches)
 
-
-def derived(result, cfg, peak_tflops):
-    forward = models.forward_flops(cfg["model"])
-    passes = {"rdrop": 2 * 3, "rdrop_recompute": 2 * 3, "plain": 3, "eval": 1}[result["mode"]]
-    achieved = result["img_per_s"] * forward * passes / 1e12
-    result.update(forward_gflops_per_image=forward / 1e9, achieved_tflops=achieved,
-                  utilisation=achieved / peak_tflops if peak_tflops else None)
-    return result
+        images_per_step = train_cfg["global_batch_size"]
+    durations = timed(run, steps, warmup)
+    memory, memory_measure = peak_memory()
+    return {
+        "mode": mode,
+        "images_per_step": images_per_step,
+        "step_times_s": durations,
+        "peak_memory_bytes": memory,
+        "memory_measure": memory_measure,
+        "recompute": bool(train_cfg["recompute"]) and mode != "eval",
+        "cpu_threads": threads,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
 
 
-def default_peak():
-    if not paddle.device.is_compiled_with_cuda() or not paddle.device.get_device().startswith("gpu"):
-        return None
-    name = paddle.device.cuda.get_device_name()
-    return next((peak for key, peak in KNOWN_PEAK_TFLOPS.items() if key in name), None)
+def device_description():
+    if paddle.get_device().startswith("gpu"):
+        return paddle.device.cuda.get_device_name()
+    return "cpu"
+
+
+def default_peak_tflops(device_name, amp):
+    for words, (half_precision, tf32) in GPU_PEAK_TFLOPS:
+        if all(word.lower() in device_name.lower() for word in words):
+            return half_precision if amp in ("bf16", "fp16") else tf32
+    return None
+
+
+def run_isolated(args, mode):
+    """Measure `mode` in a child process running this script with --only; returns its dict."""
+    command = [sys.executable, os.path.abspath(__file__), "--only", mode, "--steps", str(args.steps),
+               "--warmup", str(args.warmup)]
+    if args.config:
+        command += ["--config", args.config]
+    for override in args.override:
+        command += ["-o", override]
+    if args.recompute:
+        command.append("--recompute")
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode == USER_ERROR_EXIT_CODE:
+        raise UserError(result.stderr.strip().removeprefix("error:").strip())
+    if result.returncode != 0:
+        raise RuntimeError(f"measuring mode {mode} failed (exit code {result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summarise(cfg, measurement, peak_tflops):
+    mode = measurement["mode"]
+    durations = measurement["step_times_s"]
+    step_time = statistics.fmean(durations)  # the mean, as the PyTorch reference reports
+    img_per_s = measurement["images_per_step"] / step_time
+    forward_flops = models.forward_flops(cfg["model"])
+    achieved = TRAIN_FLOPS_PER_FORWARD[mode] * forward_flops * img_per_s
+    return dict(
+        measurement,
+        step_time_s=step_time,
+        step_time_min_s=min(durations),
+        img_per_s=img_per_s,
+        forward_flops_per_image=forward_flops,
+        flops_per_image=TRAIN_FLOPS_PER_FORWARD[mode] * forward_flops,
+        achieved_tflops=achieved / 1e12,
+        utilisation=achieved / (peak_tflops * 1e12) if peak_tflops else None,
+    )
+
+
+def torch_reference_arguments(cfg, steps, warmup):
+    """The reference script's arguments for the config's model, batch and threads (alpha added per mode)."""
+    model_cfg, train_cfg = cfg["model"], cfg["train"]
+    if cfg["rdrop"]["kl_reduction"] != "sum" or train_cfg["global_batch_size"] != train_cfg["micro_batch_size"]:
+        raise UserError("--torch-reference compares one micro-batch with the KL summed over it, as the reference "
+                        "script computes: use rdrop.kl_reduction sum and equal train.global_batch_size and "
+                        "train.micro_batch_size (configs/cpu_comparison.yaml does).")
+    architecture = models.resolve_architecture(model_cfg)
+    return dict(img_size=model_cfg["img_size"], patch=architecture.patch_size, dim=architecture.embed_dim,
+                depth=architecture.depth, heads=architecture.num_heads, mlp=architecture.mlp_dim,
+                classes=model_cfg["num_classes"], batch=train_cfg["micro_batch_size"], steps=steps, warmup=warmup,
+                threads=train_cfg["cpu_threads"] or 0)
+
+
+def run_torch_reference(path, arguments, alpha):
+    """The reference script's JSON line; alpha 0 is its plain step."""
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in dict(arguments, alpha=alpha).items()]
+    result = subprocess.run([sys.executable, path, *options], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"The PyTorch reference {path} failed (exit code {result.returncode}); is torch installed? "
+                        f"Its last output: {result.stderr.strip()[-1000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def print_table(result):
+    print(f"device {result['device']}, Paddle {result['paddle_version']}, amp {result['amp']}, "
+          f"{'static program' if result['to_static'] else 'eager'}, peak {result['peak_tflops'] or '-'} TFLOP/s; "
+          f"{result['steps']} timed steps after {result['warmup']} (s/step: mean; min beside it)")
+    print(f"{'mode':16s} {'img/s':>9s} {'s/step':>9s} {'min s':>8s} {'peak MiB':>9s} {'fwd GFLOP/img':>14s} "
+          f"{'TFLOP/s':>9s} {'util':>7s} {'load avg':>9s}")
+    for mode, row in result["modes"].items():
+        utilisation = f"{100 * row['utilisation']:6.1f}%" if row["utilisation"] is not None else "      -"
+        load = f"{row['load_average_before'][0]:.1f}-{row['load_average_after'][0]:.1f}"
+        print(f"{mode:16s} {row['img_per_s']:9.2f} {row['step_time_s']:9.3f} {row['step_time_min_s']:8.3f} "
+              f"{row['peak_memory_bytes'] / 2**20:9.0f} {row['forward_flops_per_image'] / 1e9:14.3f} "
+              f"{row['achieved_tflops']:9.4f} {utilisation} {load:>9s}")
+    for mode, row in result.get("torch_reference", {}).items():
+        print(f"{'torch ' + mode:16s} {row['img_per_s']:9.2f} {row['step_time_s']:9.3f}   "
+              f"(PyTorch {row['version']}, {row['threads']} threads)")
+    if result.get("rdrop_over_plain_step_time"):
+        print(f"R-Drop step / plain step: {result['rdrop_over_plain_step_time']:.2f} "
+              f"(the R-Drop step runs the model on twice the images)")
+    for mode, ratio in result.get("paddle_over_torch_img_per_s", {}).items():
+        print(f"{mode}: img/s of this repository / of the PyTorch reference: {ratio:.2f}")
+    if result.get("recompute_memory_saved_bytes") is not None:
+        print(f"train.recompute saves {result['recompute_memory_saved_bytes'] / 2**20:.0f} MiB of peak memory "
+              f"({100 * result['recompute_memory_saved_fraction']:.0f}%) and costs "
+              f"{result['recompute_step_time_ratio']:.2f}x the step time")
 
 
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    cfg = config.load(args.config, args.override)
+    cfg = load_config(args)
     if args.only:
-        print(json.dumps(measure(cfg, args.only, args.steps, args.warmup)))
+        print(json.dumps(measure(mode_config(cfg, args.only, args.recompute), args.only, args.steps, args.warmup)))
         return
-    modes = MODES + (("rdrop_recompute",) if args.recompute else ())
-    peak = args.peak_tflops or default_peak()
-    results = []
+    modes = list(args.modes) + (["rdrop_recompute"] if args.recompute else [])
     for mode in modes:
-        command = [sys.executable, __file__, *sys.argv[1:], "--only", mode]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results.append(derived(json.loads(output.strip().splitlines()[-1]), cfg, peak))
-    print(f"{'mode':<16}{'img/s':>10}{'s/step':>10}{'peak MB':>10}{'TFLOP/s':>10}{'util':>8}")
-    for r in results:
-        utilisation = f"{100 * r['utilisation']:.1f}%" if r["utilisation"] is not None else "-"
-        print(f"{r['mode']:<16}{r['img_per_s']:>10.1f}{r['step_time_s']:>10.3f}{r['peak_memory_mb']:>10.0f}"
-              f"{r['achieved_tflops']:>10.3f}{utilisation:>8}")
-    by_mode = {r["mode"]: r for r in results}
-    ratio = by_mode["rdrop"]["step_time_s"] / by_mode["plain"]["step_time_s"]
-    print(f"R-Drop step time / plain step time: {ratio:.2f}")
+        mode_config(cfg, mode, args.recompute)  # a config problem stops here, before any measurement
+    device_name = device_description()
+    peak_tflops = args.peak_tflops or default_peak_tflops(device_name, cfg["train"]["amp"])
+    torch_alphas, torch_arguments = {}, None
+    if args.torch_reference:
+        torch_alphas = {"rdrop": cfg["rdrop"]["alpha"], "plain": 0.0}
+        torch_arguments = torch_reference_arguments(cfg, args.steps, args.warmup)
+    rows, torch_rows = {}, {}
+    for mode in modes:
+        rows[mode] = summarise(mode_config(cfg, mode, args.recompute), run_isolated(args, mode), peak_tflops)
+        if mode in torch_alphas:
+            torch_rows[mode] = run_torch_reference(args.torch_reference, torch_arguments, torch_alphas[mode])
+    result = {
+        "device": device_name,
+        "paddle_version": paddle.__version__,
+        "amp": cfg["train"]["amp"],
+        "to_static": cfg["train"]["to_static"],
+        "peak_tflops": peak_tflops,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "config": cfg,
+        "modes": rows,
+    }
+    if torch_rows:
+        result["torch_reference"] = torch_rows
+        result["paddle_over_torch_img_per_s"] = {mode: rows[mode]["img_per_s"] / row["img_per_s"]
+                                                 for mode, row in torch_rows.items()}
+    if "rdrop" in rows and "plain" in rows:
+        result["rdrop_over_plain_step_time"] = rows["rdrop"]["step_time_s"] / rows["plain"]["step_time_s"]
+    if "rdrop" in rows and "rdrop_recompute" in rows:
+        without, with_recompute = rows["rdrop"], rows["rdrop_recompute"]
+        saved = without["peak_memory_bytes"] - with_recompute["peak_memory_bytes"]
+        result["recompute_memory_saved_bytes"] = saved
+        result["recompute_memory_saved_fraction"] = saved / without["peak_memory_bytes"]
+        result["recompute_step_time_ratio"] = with_recompute["step_time_s"] / without["step_time_s"]
+    print_table(result)
+    text = json.dumps(result)
+    print(text)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as stream:
-            json.dump({"config": args.config, "overrides": args.override, "peak_tflops": peak,
-                       "rdrop_over_plain_step_time": ratio, "results": results}, stream, indent=2)
+        pathlib.Path(args.json).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""scripts/benchmark.py end to end on a tiny model: its JSON is consistent with its own timings, it
+runs the comparison script with the config's sizes, and it refuses what it cannot measure."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from run_helpers import ROOT as ROOT_PATH
+
+ROOT = pathlib.Path(ROOT_PATH)
+
+TINY = {
+    "model": {"name": "vit", "img_size": 16, "num_classes": 10, "patch_size": 4, "embed_dim": 16, "depth": 2,
+              "num_heads": 2, "mlp_dim": 32, "dropout": 0.1},
+    "rdrop": {"alpha": 0.3, "kl_reduction": "sum"},
+    "optimizer": {"name": "momentum", "lr": 0.01, "grad_clip": 1.0},
+    "train": {"global_batch_size": 4, "micro_batch_size": 4, "cpu_threads": 1},
+    "eval": {"batch_size": 4},
+}
+
+# Stands in for the PyTorch reference: echoes its arguments with a fixed step time.
+FAKE_REFERENCE = """
+import json, sys
+arguments = dict(argument[2:].split("=", 1) for argument in sys.argv[1:])
+print(json.dumps({"framework": "fake", "version": "0", "threads": int(arguments["threads"]),
+                  "img_per_s": int(arguments["batch"]) / 2.0, "step_time_s": 2.0, "arguments": arguments}))
+"""
+
+
+def run_benchmark(tmp_path, *arguments, config=TINY):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", str(path), "--steps", "2",
+               "--warmup", "1", "--json", str(tmp_path / "out.json"), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_benchmark_reports_consistent_numbers_and_runs_the_reference_with_the_config(tmp_path):
+    reference = tmp_path / "fake_reference.py"
+    reference.write_text(FAKE_REFERENCE)
+    completed = run_benchmark(tmp_path, "--recompute", "--torch-reference", str(reference))
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert set(result["modes"]) == {"rdrop", "plain", "eval", "rdrop_recompute"}
+    for mode, row in result["modes"].items():
+        assert len(row["step_times_s"]) == 2
+        assert row["step_time_s"] == pytest.approx(sum(row["step_times_s"]) / 2)
+        assert row["img_per_s"] == pytest.approx(4 / row["step_time_s"])  # 4 distinct images per step or batch
+        assert row["peak_memory_bytes"] > 0
+    rows = result["modes"]
+    assert result["rdrop_over_plain_step_time"] == pytest.approx(rows["rdrop"]["step_time_s"] /
+                                                                 rows["plain"]["step_time_s"])
+    assert rows["rdrop"]["flops_per_image"] == 2 * rows["plain"]["flops_per_image"] == 6 * rows["eval"]["flops_per_image"]
+    assert result["recompute_memory_saved_bytes"] == (rows["rdrop"]["peak_memory_bytes"] -
+                                                      rows["rdrop_recompute"]["peak_memory_bytes"])
+
+    torch_rows = result["torch_reference"]
+    expected = {"img-size": "16", "patch": "4", "dim": "16", "depth": "2", "heads": "2", "mlp": "32",
+                "classes": "10", "batch": "4", "steps": "2", "warmup": "1", "threads": "1"}
+    for mode, alpha in (("rdrop", 0.3), ("plain", 0.0)):
+        assert torch_rows[mode]["arguments"] == dict(expected, alpha=str(alpha))
+        assert result["paddle_over_torch_img_per_s"][mode] == pytest.approx(rows[mode]["img_per_s"] / 2.0)
+
+
+def test_benchmark_refuses_rdrop_modes_without_rdrop(tmp_path):
+    config = {**TINY, "rdrop": {"alpha": 0.0}}
+    completed = run_benchmark(tmp_path, config=config)
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("error:") and "rdrop.alpha" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_benchmark_refuses_a_reference_comparison_it_cannot_match(tmp_path):
+    config = {**TINY, "train": {**TINY["train"], "global_batch_size": 8}}
+    completed = run_benchmark(tmp_path, "--torch-reference", "unused.py", config=config)
+    assert completed.returncode == 2
+    assert "micro_batch_size" in completed.stderr and "Traceback" not in completed.stderr
