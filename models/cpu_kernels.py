@@ -71,15 +71,17 @@ def _build_and_load(name):
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        built = (directory / name / f"{name}.so").exists()
-        if not built:
-            logger.info("Compiling the CPU kernels (models/cpu_kernels.cc), once for this machine: about 25 s")
+        library = directory / name / f"{name}.so"
         with _captured_output() as output:
-            try:
-                if built:
+            if library.exists():
+                try:
                     # Load the library directly: `load` would re-run setuptools (2 s). Paddle registers
                     # the operators once per process, so this runs once (kernels() is cached).
-                    return extension_utils._import_module_from_library(name, str(directory / name))
+                    return extension_utils._import_module_from_library(name, str(library.parent))
+                except Exception:  # e.g. a build killed while linking: build it again
+                    pass
+            logger.info("Compiling the CPU kernels (models/cpu_kernels.cc), once for this machine: about 25 s")
+            try:
                 return load(name=name, sources=[str(SOURCE)], extra_cxx_cflags=COMPILE_FLAGS,
                             extra_ldflags=LINK_FLAGS, build_directory=str(directory))
             except Exception as error:
