@@ -70,7 +70,7 @@ class PatchEmbed(nn.Layer):
         return self.proj(images).flatten(2).transpose([0, 2, 1])
 
 
-class Attention(nn.Layer):
+class Attention(CpuKernelLayer):
     """Multi-head self-attention with one fused q/k/v projection.
 
     `qkv` output columns are ordered (q, k, v) x heads x head_dim, as in PaddleClas and timm.
@@ -91,7 +91,7 @@ class Attention(nn.Layer):
     def forward(self, tokens):
         batch, length, width = tokens.shape
         qkv = self.qkv(tokens).reshape([batch, length, 3, self.num_heads, self.head_dim])
-        if self.proj.fast_cpu_path(tokens):
+        if self.fast_cpu_path(tokens):
             context = self._cpu_attention(qkv)
         else:
             # Flash attention on GPU in fp16/bf16, the memory-efficient kernel in fp32. SDPA takes
