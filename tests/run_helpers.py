@@ -1,4 +1,5 @@
 """Helpers for the tests that run train.py and eval.py: tiny configs, launching, comparing weights."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,6 +11,14 @@ import yaml
 from rdrop import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name):
+    """scripts/<name>.py as a module, to call its functions in-process."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(tmp_path, archive, name="run", **sections):

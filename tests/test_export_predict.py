@@ -1,8 +1,6 @@
 """scripts/export.py and scripts/predict.py: the inference model reproduces the trained model, and
 predict classifies image files as evaluation classifies the same pixels."""
-import importlib.util
 import json
-import os
 
 import numpy as np
 import paddle
@@ -15,16 +13,9 @@ from data.image_set import ImageSet
 from data.samples import EvalSamples
 from data.settings import InputSettings
 from eval_helpers import random_weights, write_run
-from run_helpers import ROOT
+from run_helpers import load_script
 
 NUM_TRAIN, NUM_TEST = 48, 21
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 export = load_script("export")

@@ -1,22 +1,13 @@
 """scripts/plot_curves.py on VisualDL logs written here: merged sessions, missing tags, the figure."""
-import importlib.util
-import os
 
 import matplotlib.image
 import numpy as np
 import pytest
 from visualdl import LogWriter
 
-from run_helpers import ROOT
+from run_helpers import load_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 plot_curves = load_script("plot_curves")
