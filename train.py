@@ -26,7 +26,7 @@ import models  # noqa: E402
 from rdrop import checkpoint, config, distributed, evaluation, logs, optim, precision, runtime  # noqa: E402
 from rdrop.errors import UserError, exit_on_user_error  # noqa: E402
 from rdrop.preemption import StopRequest  # noqa: E402
-from rdrop.step import LOSS_NAMES, TrainStep, compile_model  # noqa: E402
+from rdrop.step import LOSS_NAMES, TrainStep, accumulation_steps, compile_model  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -37,15 +37,6 @@ def parse_args(argv=None):
     parser.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config key; the value is parsed as YAML; repeatable")
     return parser.parse_args(argv)
-
-
-def accumulation_steps(train_cfg, world_size):
-    per_step = train_cfg["micro_batch_size"] * world_size
-    if train_cfg["global_batch_size"] % per_step:
-        raise UserError(f"train.global_batch_size ({train_cfg['global_batch_size']}) must be a multiple of "
-                        f"train.micro_batch_size x devices ({train_cfg['micro_batch_size']} x {world_size} = "
-                        f"{per_step}). Change one of them so the division is exact.")
-    return train_cfg["global_batch_size"] // per_step
 
 
 def dropout_seed(seed, rank, step):

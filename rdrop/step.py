@@ -18,6 +18,16 @@ from rdrop.loss import RDropLoss, rdrop_logits
 LOSS_NAMES = ("loss", "ce", "kl")
 
 
+def accumulation_steps(train_cfg, world_size):
+    """Micro-batches per optimizer step on each of `world_size` processes."""
+    per_step = train_cfg["micro_batch_size"] * world_size
+    if train_cfg["global_batch_size"] % per_step:
+        raise UserError(f"train.global_batch_size ({train_cfg['global_batch_size']}) must be a multiple of "
+                        f"train.micro_batch_size x devices ({train_cfg['micro_batch_size']} x {world_size} = "
+                        f"{per_step}). Change one of them so the division is exact.")
+    return train_cfg["global_batch_size"] // per_step
+
+
 def compile_model(model, to_static):
     """`model`, with `to_static` converted in place to run its forward as a static program (same
     layer and parameters). The whole forward is converted (`full_graph`), so a construct the converter

@@ -55,7 +55,7 @@ import paddle  # noqa: E402
 import models  # noqa: E402
 from rdrop import config, distributed, optim, precision, runtime  # noqa: E402
 from rdrop.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error  # noqa: E402
-from rdrop.step import TrainStep, compile_model  # noqa: E402
+from rdrop.step import TrainStep, accumulation_steps, compile_model  # noqa: E402
 
 # Dense peak TFLOP/s by GPU name: (bf16/fp16 tensor cores, TF32 tensor cores), from NVIDIA's data
 # sheets. The first entry whose words all occur in the device name wins.
@@ -150,10 +150,7 @@ def measure(cfg, mode, steps, warmup):
     train_cfg = cfg["train"]
     threads = runtime.configure_cpu(train_cfg["cpu_threads"])
     context = distributed.Context(0, 1)
-    accumulation = train_cfg["global_batch_size"] // train_cfg["micro_batch_size"]
-    if accumulation * train_cfg["micro_batch_size"] != train_cfg["global_batch_size"]:
-        raise UserError(f"train.global_batch_size ({train_cfg['global_batch_size']}) must be a multiple of "
-                        f"train.micro_batch_size ({train_cfg['micro_batch_size']}) for one process.")
+    accumulation = accumulation_steps(train_cfg, context.world_size)
     # As train.py builds them (no resume, a single process).
     paddle.seed(train_cfg["seed"])
     model = models.build_model(cfg["model"])
