@@ -1,13 +1,15 @@
 """Learning-rate schedules as functions of the optimizer step, scaled to the configured peak.
 
-`learning_rate(schedule_cfg, peak_lr, step)` is the learning rate used for the update of optimizer
-step `step` (0-based): linear warmup from 0 to the peak over `warmup_steps`, then cosine or linear decay
-to 0 at `total_steps` (or `constant`), exactly the schedules of the public R-Drop ViT code (whose first
-update, like ours, has learning rate 0).
+`learning_rate(schedule_cfg, peak_lr, t)` is the schedule of the public R-Drop ViT code: linear warmup
+from 0 to the peak over `warmup_steps`, then cosine or linear decay to 0 at `total_steps` (or
+`constant`). That code steps its scheduler before the optimizer, so the update of optimizer step k
+(0-based) uses the schedule at t = k + 1: the first update already has peak / warmup_steps (1.6e-5 in
+the paper recipe), the peak is reached by update warmup_steps - 1, and the last update has rate 0.
 `WarmupDecay` wraps it as a Paddle LRScheduler, so the optimizer, the checkpoint and the logs all see
 the same absolute value: the existing Paddle port of this paper returned only the multiplier from
 `get_lr()`, which silently replaced its configured learning rate with 1.0 x the schedule.
 """
+
 import math
 
 from paddle.optimizer.lr import LRScheduler
@@ -26,7 +28,10 @@ def learning_rate(schedule_cfg, peak_lr, step):
 
 
 class WarmupDecay(LRScheduler):
-    """Paddle scheduler over `learning_rate`; `step()` once per optimizer step, after the update."""
+    """Paddle scheduler over `learning_rate`; `step()` once per optimizer step, after the update.
+
+    `last_epoch` counts the updates done, so the next update is step k = last_epoch and uses t = k + 1.
+    """
 
     def __init__(self, schedule_cfg, peak_lr):
         self.schedule_cfg = dict(schedule_cfg)
@@ -34,4 +39,4 @@ class WarmupDecay(LRScheduler):
         super().__init__(learning_rate=peak_lr, last_epoch=-1)
 
     def get_lr(self):
-        return learning_rate(self.schedule_cfg, self.peak_lr, self.last_epoch)
+        return learning_rate(self.schedule_cfg, self.peak_lr, self.last_epoch + 1)

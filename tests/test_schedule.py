@@ -1,17 +1,21 @@
 """The learning rate the optimizer actually uses, step by step, against the closed-form schedule."""
+
 import math
+
+from rdrop import optim
 
 import paddle
 import pytest
-
-from rdrop import optim
 
 
 def used_learning_rates(schedule_cfg, peak_lr, steps):
     """Run real optimizer steps and read back the rate each update used (from the parameter change)."""
     model = paddle.nn.Linear(1, 1, bias_attr=False)
-    optimizer, scheduler = optim.build({"name": "momentum", "lr": peak_lr, "momentum": 0.0, "weight_decay": 0.0,
-                                        "grad_clip": None}, schedule_cfg, model)
+    optimizer, scheduler = optim.build(
+        {"name": "momentum", "lr": peak_lr, "momentum": 0.0, "weight_decay": 0.0, "grad_clip": None},
+        schedule_cfg,
+        model,
+    )
     rates = []
     for _ in range(steps):
         before = float(model.weight.numpy()[0, 0])
@@ -24,21 +28,27 @@ def used_learning_rates(schedule_cfg, peak_lr, steps):
     return rates
 
 
+def public_code_rate(name, warmup, total, peak, t):
+    """The public R-Drop ViT code's LambdaLR multiplier at scheduler step t, times the peak."""
+    if t < warmup:
+        return peak * t / max(1, warmup)
+    if name == "constant":
+        return peak
+    progress = (t - warmup) / max(1, total - warmup)
+    if name == "warmup_cosine":
+        return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * 2 * 0.5 * progress)))
+    return peak * max(0.0, 1.0 - progress)
+
+
 @pytest.mark.parametrize("name", ["warmup_cosine", "warmup_linear", "constant"])
-def test_rates_used_follow_the_formula_at_the_documented_points(name):
+def test_rates_used_follow_the_public_code_which_steps_its_scheduler_before_the_optimizer(name):
     warmup, total, peak = 10, 50, 0.8
     rates = used_learning_rates({"name": name, "warmup_steps": warmup, "total_steps": total}, peak, total)
-    assert rates[0] == pytest.approx(0.0, abs=1e-7)
-    assert rates[warmup // 2] == pytest.approx(peak * 0.5, rel=1e-5, abs=5e-6)
-    assert rates[warmup] == pytest.approx(peak, rel=1e-5, abs=5e-6)
-    later = 30
-    progress = (later - warmup) / (total - warmup)
-    expected_later = {"warmup_cosine": peak * 0.5 * (1 + math.cos(math.pi * progress)),
-                      "warmup_linear": peak * (1 - progress), "constant": peak}[name]
-    assert rates[later] == pytest.approx(expected_later, rel=1e-5, abs=5e-6)
-    expected_last = {"warmup_cosine": peak * 0.5 * (1 + math.cos(math.pi * (total - 1 - warmup) / (total - warmup))),
-                     "warmup_linear": peak / (total - warmup), "constant": peak}[name]
-    assert rates[-1] == pytest.approx(expected_last, abs=5e-6)
+    assert rates[0] == pytest.approx(peak / warmup, rel=1e-5)  # not 0: scheduler.step() came first
+    assert rates[warmup - 1] == pytest.approx(peak, rel=1e-5)
+    assert rates[-1] == pytest.approx({"constant": peak}.get(name, 0.0), abs=5e-6)
+    for update, rate in enumerate(rates):
+        assert rate == pytest.approx(public_code_rate(name, warmup, total, peak, update + 1), rel=1e-5, abs=5e-6)
 
 
 def test_configured_peak_is_not_replaced_by_the_multiplier():
