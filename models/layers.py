@@ -7,8 +7,9 @@ work goes to the compiled kernels of models/cpu_kernels.cc, or for Linear to a m
 gradient; anywhere else (GPU, other dtypes, static programs such as export) Paddle's kernels run.
 
 Paddle runs these on one CPU thread, and its layer-norm and GELU gradients unvectorised; the
-measured gains (2-4x per layer, 1.6x on the whole R-Drop step) are in the README, Performance.
+measured gains (2-4x per layer, 1.6x on the whole R-Drop step) are in docs/performance.md.
 """
+
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -28,8 +29,12 @@ class CpuKernelLayer(nn.Layer):
     use_cpu_kernels = True
 
     def fast_cpu_path(self, tensor):
-        return (self.use_cpu_kernels and paddle.in_dynamic_mode() and tensor.place.is_cpu_place()
-                and tensor.dtype == paddle.float32)
+        return (
+            self.use_cpu_kernels
+            and paddle.in_dynamic_mode()
+            and tensor.place.is_cpu_place()
+            and tensor.dtype == paddle.float32
+        )
 
     def compiled_kernels(self, tensor):
         """cpu_kernels.kernels() when the fast path applies and they built, else None."""

@@ -9,16 +9,18 @@ Files are read with `yaml.SafeLoader` only, so a YAML tag that would construct a
 rejected. Every problem a user can cause (unknown key, wrong type, value out of range, unreadable
 file) is a `UserError` naming the key or file and what is allowed.
 """
+
 import copy
 import difflib
 import math
 import os
 import re
 
+from rdrop.errors import UserError
+
 import yaml
 
 from models.presets import MODEL_NAMES
-from rdrop.errors import UserError
 
 BASE_KEY = "_base_"
 
@@ -28,8 +30,8 @@ class _SafeLoader(yaml.SafeLoader):
 
 
 _SafeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _safe_load(stream):
@@ -90,8 +92,12 @@ def or_null(allowed):
 
 def scale_range():
     def accepts(value):
-        return (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)
-                and 0 < value[0] <= value[1] <= 1)
+        return (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(_is_number(v) for v in value)
+            and 0 < value[0] <= value[1] <= 1
+        )
 
     return Allowed("a list [min, max] with 0 < min <= max <= 1", accepts)
 
@@ -105,106 +111,163 @@ class Key:
 
 SCHEMA = {
     "model": {
-        "name": Key("vit_b16", one_of(*MODEL_NAMES),
-                    "Architecture: a preset (ViT-Ti/S/B/L with 16 or 32 px patches), or `vit` with the "
-                    "five dimensions below."),
+        "name": Key(
+            "vit_b16",
+            one_of(*MODEL_NAMES),
+            "Architecture: a preset (ViT-Ti/S/B/L with 16 or 32 px patches), or `vit` with the five dimensions below.",
+        ),
         "img_size": Key(224, integer(1), "Input resolution in pixels (square); a multiple of the patch size."),
         "num_classes": Key(100, integer(2), "Classifier outputs; labels must lie in [0, num_classes)."),
-        "dropout": Key(0.1, number(0, 1, maximum_inclusive=False),
-                       "Dropout after the embeddings and twice in every MLP (after GELU and after fc2). "
-                       "R-Drop needs it above 0: it is what makes the two passes differ."),
-        "attn_dropout": Key(0.0, number(0, 1, maximum_inclusive=False),
-                            "Dropout on the attention probabilities and after the attention projection "
-                            "(both use this rate in the public R-Drop ViT code)."),
-        "drop_path": Key(0.0, number(0, 1, maximum_inclusive=False), "Stochastic depth rate of the last block (linear from 0 in the first)."),
-        "pretrained": Key(None, or_null(text()),
-                          "Weights to start from: a Google `.npz`, a `.pdparams`, a checkpoint folder, or "
-                          "an http(s) URL (downloaded once into Paddle's cache); null trains from scratch."),
+        "dropout": Key(
+            0.1,
+            number(0, 1, maximum_inclusive=False),
+            "Dropout after the embeddings and twice in every MLP (after GELU and after fc2). "
+            "R-Drop needs it above 0: it is what makes the two passes differ.",
+        ),
+        "attn_dropout": Key(
+            0.0,
+            number(0, 1, maximum_inclusive=False),
+            "Dropout on the attention probabilities and after the attention projection "
+            "(both use this rate in the public R-Drop ViT code).",
+        ),
+        "drop_path": Key(
+            0.0,
+            number(0, 1, maximum_inclusive=False),
+            "Stochastic depth rate of the last block (linear from 0 in the first).",
+        ),
+        "pretrained": Key(
+            None,
+            or_null(text()),
+            "Weights to start from: a Google `.npz`, a `.pdparams`, a checkpoint folder, or "
+            "an http(s) URL (downloaded once into Paddle's cache); null trains from scratch.",
+        ),
         "patch_size": Key(None, integer(1, nullable=True), "Patch size in pixels (`name: vit` only)."),
         "embed_dim": Key(None, integer(1, nullable=True), "Token width (`name: vit` only)."),
         "depth": Key(None, integer(1, nullable=True), "Number of transformer blocks (`name: vit` only)."),
-        "num_heads": Key(None, integer(1, nullable=True),
-                         "Attention heads; divides embed_dim (`name: vit` only)."),
+        "num_heads": Key(None, integer(1, nullable=True), "Attention heads; divides embed_dim (`name: vit` only)."),
         "mlp_dim": Key(None, integer(1, nullable=True), "Hidden width of the MLP (`name: vit` only)."),
-        "cpu_kernels": Key(True, boolean(),
-                           "On the CPU (eager float32), run layer norm, GELU and dropout through this "
-                           "repository's multi-threaded kernels (`models/cpu_kernels.cc`, compiled once on "
-                           "first use; Paddle's kernels if that fails) and Linear with a faster bias "
-                           "gradient; false uses Paddle's kernels. No effect on GPUs."),
+        "cpu_kernels": Key(
+            True,
+            boolean(),
+            "On the CPU (eager float32), run layer norm, GELU and dropout through this "
+            "repository's multi-threaded kernels (`models/cpu_kernels.cc`, compiled once on "
+            "first use; Paddle's kernels if that fails) and Linear with a faster bias "
+            "gradient; false uses Paddle's kernels. No effect on GPUs.",
+        ),
     },
     "rdrop": {
-        "alpha": Key(0.3, number(0),
-                     "Weight of the symmetric KL between the two dropout passes; 0 trains the plain "
-                     "single-pass baseline."),
-        "kl_reduction": Key("sum", one_of("sum", "batchmean", "mean"),
-                            "How the KL is reduced over the micro-batch: `sum` as the public R-Drop code "
-                            "(its weight grows with micro_batch_size), `batchmean` per image (paper's "
-                            "alpha = 2 x this alpha), `mean` per logit."),
-        "concat_batch": Key(True, boolean(),
-                            "Run both dropout samples as one forward pass on the batch concatenated with "
-                            "itself (faster); false runs two separate passes."),
+        "alpha": Key(
+            0.3,
+            number(0),
+            "Weight of the symmetric KL between the two dropout passes; 0 trains the plain single-pass baseline.",
+        ),
+        "kl_reduction": Key(
+            "sum",
+            one_of("sum", "batchmean", "mean"),
+            "How the KL is reduced over the micro-batch: `sum` as the public R-Drop code "
+            "(its weight grows with micro_batch_size), `batchmean` per image (paper's "
+            "alpha = 2 x this alpha), `mean` per logit.",
+        ),
+        "concat_batch": Key(
+            True,
+            boolean(),
+            "Run both dropout samples as one forward pass on the batch concatenated with "
+            "itself (faster); false runs two separate passes.",
+        ),
     },
     "data": {
-        "dataset": Key("cifar100", one_of("cifar100", "digits"),
-                       "`cifar100`, or `digits`: the UCI digits shipped with scikit-learn (offline quickstart)."),
-        "data_file": Key(None, or_null(text()),
-                         "Path of `cifar-100-python.tar.gz`; null uses Paddle's cache folder."),
+        "dataset": Key(
+            "cifar100",
+            one_of("cifar100", "digits"),
+            "`cifar100`, or `digits`: the UCI digits shipped with scikit-learn (offline quickstart).",
+        ),
+        "data_file": Key(None, or_null(text()), "Path of `cifar-100-python.tar.gz`; null uses Paddle's cache folder."),
         "download": Key(True, boolean(), "Download CIFAR-100 into Paddle's cache when the file is missing."),
-        "crop_scale": Key([0.05, 1.0], scale_range(),
-                          "Area range of the training RandomResizedCrop, as fractions of the image."),
+        "crop_scale": Key(
+            [0.05, 1.0], scale_range(), "Area range of the training RandomResizedCrop, as fractions of the image."
+        ),
         "num_workers": Key(2, integer(0), "Data-loading worker processes per rank (0 loads in the training process)."),
-        "val_size": Key(0, integer(0),
-                        "Training images held out (class-balanced, fixed by the seed) for model selection; "
-                        "0 selects on the test set, as the public code does."),
-        "device_augment": Key(False, boolean(),
-                              "Crop, resize and normalise batched on the device from uint8 images; the host "
-                              "only gathers 3 KB per image (use on GPUs)."),
+        "val_size": Key(
+            0,
+            integer(0),
+            "Training images held out (class-balanced, fixed by the seed) for model selection; "
+            "0 selects on the test set, as the public code does.",
+        ),
+        "device_augment": Key(
+            False,
+            boolean(),
+            "Crop, resize and normalise batched on the device from uint8 images; the host "
+            "only gathers 3 KB per image (use on GPUs).",
+        ),
     },
     "optimizer": {
         "name": Key("momentum", one_of("momentum", "adamw"), "SGD with momentum, or AdamW."),
         "lr": Key(8e-3, number(0, minimum_inclusive=False), "Peak learning rate, reached at the end of warmup."),
         "momentum": Key(0.9, number(0, 1), "Momentum of SGD (`momentum` only)."),
         "weight_decay": Key(0.0, number(0), "Weight decay (decoupled for AdamW, L2 for momentum)."),
-        "grad_clip": Key(1.0, or_null(number(0, minimum_inclusive=False)),
-                         "Clip gradients to this global norm; null disables clipping."),
+        "grad_clip": Key(
+            1.0,
+            or_null(number(0, minimum_inclusive=False)),
+            "Clip gradients to this global norm; null disables clipping.",
+        ),
     },
     "schedule": {
-        "name": Key("warmup_cosine", one_of("warmup_cosine", "warmup_linear", "constant"),
-                    "Linear warmup then cosine or linear decay to 0; `constant` keeps the peak after warmup."),
+        "name": Key(
+            "warmup_cosine",
+            one_of("warmup_cosine", "warmup_linear", "constant"),
+            "Linear warmup then cosine or linear decay to 0; `constant` keeps the peak after warmup.",
+        ),
         "warmup_steps": Key(500, integer(0), "Optimizer steps of linear warmup from 0 to `optimizer.lr`."),
         "total_steps": Key(20000, integer(1), "Optimizer steps of the whole run."),
     },
     "train": {
-        "global_batch_size": Key(512, integer(1),
-                                 "Images per optimizer step over all devices, whatever their number."),
-        "micro_batch_size": Key(32, integer(1),
-                                "Images per device per forward; gradients are accumulated over "
-                                "global / (micro x devices) micro-steps."),
-        "amp": Key("none", one_of("none", "bf16", "fp16"),
-                   "Mixed precision on GPU with float32 master weights (fp16 adds dynamic loss scaling)."),
+        "global_batch_size": Key(512, integer(1), "Images per optimizer step over all devices, whatever their number."),
+        "micro_batch_size": Key(
+            32,
+            integer(1),
+            "Images per device per forward; gradients are accumulated over global / (micro x devices) micro-steps.",
+        ),
+        "amp": Key(
+            "none",
+            one_of("none", "bf16", "fp16"),
+            "Mixed precision on GPU with float32 master weights (fp16 adds dynamic loss scaling).",
+        ),
         "seed": Key(0, integer(0), "Seeds initialisation, dropout, data order and augmentation."),
         "eval_every": Key(1000, integer(0), "Evaluate every N optimizer steps (0: only at the end)."),
         "save_every": Key(1000, integer(0), "Save a resumable checkpoint every N steps (0: only at the end)."),
         "log_every": Key(50, integer(1), "Print and log training metrics every N steps."),
         "output_dir": Key("output/run", text(), "Folder for config, logs, checkpoints and best weights."),
-        "resume": Key(None, or_null(text()),
-                      "`auto` continues from the newest complete checkpoint in output_dir (starts fresh "
-                      "if there is none); a path resumes from that checkpoint."),
-        "overwrite": Key(False, boolean(),
-                         "Allow a new run to start in an output_dir that holds another run's checkpoints."),
+        "resume": Key(
+            None,
+            or_null(text()),
+            "`auto` continues from the newest complete checkpoint in output_dir (starts fresh "
+            "if there is none); a path resumes from that checkpoint.",
+        ),
+        "overwrite": Key(
+            False, boolean(), "Allow a new run to start in an output_dir that holds another run's checkpoints."
+        ),
         "keep_checkpoints": Key(2, integer(1), "How many of the newest checkpoints to keep."),
-        "max_bad_steps": Key(20, integer(1),
-                             "Stop after this many consecutive steps with a non-finite loss or gradient."),
-        "recompute": Key(False, boolean(),
-                         "Recompute block activations in the backward pass: less memory, about a third "
-                         "more compute."),
-        "to_static": Key(False, boolean(),
-                         "Convert the model's forward to a static program (`paddle.jit.to_static`), which "
-                         "CUDA builds of Paddle with CINN compile and fuse; for GPUs (slower than eager "
-                         "on CPU, where the CPU kernels do not apply to it). Not with recompute."),
-        "cpu_threads": Key(None, integer(1, nullable=True),
-                           "Math threads per process on CPU; null uses this node's cores divided by the "
-                           "processes the launcher started."),
+        "max_bad_steps": Key(
+            20, integer(1), "Stop after this many consecutive steps with a non-finite loss or gradient."
+        ),
+        "recompute": Key(
+            False,
+            boolean(),
+            "Recompute block activations in the backward pass: less memory, about a third more compute.",
+        ),
+        "to_static": Key(
+            False,
+            boolean(),
+            "Convert the model's forward to a static program (`paddle.jit.to_static`), which "
+            "CUDA builds of Paddle with CINN compile and fuse; for GPUs (slower than eager "
+            "on CPU, where the CPU kernels do not apply to it). Not with recompute.",
+        ),
+        "cpu_threads": Key(
+            None,
+            integer(1, nullable=True),
+            "Math threads per process on CPU; null uses this node's cores divided by the "
+            "processes the launcher started.",
+        ),
     },
     "eval": {
         "batch_size": Key(256, integer(1), "Images per device per evaluation batch."),
@@ -213,8 +276,9 @@ SCHEMA = {
 
 
 def defaults():
-    return {section: {name: copy.deepcopy(key.default) for name, key in keys.items()}
-            for section, keys in SCHEMA.items()}
+    return {
+        section: {name: copy.deepcopy(key.default) for name, key in keys.items()} for section, keys in SCHEMA.items()
+    }
 
 
 def _read_yaml(path):
@@ -222,22 +286,29 @@ def _read_yaml(path):
         with open(path, encoding="utf-8") as stream:
             content = _safe_load(stream)
     except FileNotFoundError:
-        raise UserError(f"Config file '{path}' does not exist. Pass an existing YAML file with --config "
-                        f"(the files in configs/ are a good start).") from None
+        raise UserError(
+            f"Config file '{path}' does not exist. Pass an existing YAML file with --config "
+            f"(the files in configs/ are a good start)."
+        ) from None
     except yaml.constructor.ConstructorError as error:
-        raise UserError(f"Config file '{path}' uses a YAML tag that would construct an object "
-                        f"({error.problem} {error.problem_mark}). Configs are plain data: write the value "
-                        f"as a number, string, list or mapping.") from None
+        raise UserError(
+            f"Config file '{path}' uses a YAML tag that would construct an object "
+            f"({error.problem} {error.problem_mark}). Configs are plain data: write the value "
+            f"as a number, string, list or mapping."
+        ) from None
     except yaml.YAMLError as error:
-        raise UserError(f"Config file '{path}' is not valid YAML: {error}. Fix the syntax at the "
-                        f"position shown.") from None
+        raise UserError(
+            f"Config file '{path}' is not valid YAML: {error}. Fix the syntax at the position shown."
+        ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"Config file '{path}' cannot be read ({error}). Check the path and permissions.") from None
     if content is None:
         return {}
     if not isinstance(content, dict):
-        raise UserError(f"Config file '{path}' must hold a mapping of sections (model:, data:, train:, ...), "
-                        f"not a {type(content).__name__}.")
+        raise UserError(
+            f"Config file '{path}' must hold a mapping of sections (model:, data:, train:, ...), "
+            f"not a {type(content).__name__}."
+        )
     return content
 
 
@@ -272,13 +343,13 @@ def parse_override(text):
     """`section.key=value` -> ('section.key', parsed value); the value is parsed as YAML."""
     dotted, separator, raw_value = text.partition("=")
     if not separator or "." not in dotted:
-        raise UserError(f"Override '{text}' is not of the form section.key=value (for example "
-                        f"-o optimizer.lr=0.01).")
+        raise UserError(f"Override '{text}' is not of the form section.key=value (for example -o optimizer.lr=0.01).")
     try:
         value = _safe_load(raw_value)
     except yaml.YAMLError as error:
-        raise UserError(f"The value in override '{text}' is not valid YAML ({error}). Quote strings and "
-                        f"write lists as [a, b].") from None
+        raise UserError(
+            f"The value in override '{text}' is not valid YAML ({error}). Quote strings and write lists as [a, b]."
+        ) from None
     return dotted.strip(), value
 
 
@@ -309,12 +380,15 @@ def validate(config, source="the config"):
             raise UserError(f"Section '{section}' in {source} must be a mapping of keys, got {keys!r}.")
         for name, value in keys.items():
             if name not in SCHEMA[section]:
-                raise UserError(f"Unknown key '{section}.{name}' in {source}."
-                                f"{_closest(name, SCHEMA[section], prefix=section + '.')}")
+                raise UserError(
+                    f"Unknown key '{section}.{name}' in {source}."
+                    f"{_closest(name, SCHEMA[section], prefix=section + '.')}"
+                )
             allowed = SCHEMA[section][name].allowed
             if not allowed.accepts(value):
-                raise UserError(f"Invalid value {value!r} for '{section}.{name}' in {source}: it must be "
-                                f"{allowed.description}.")
+                raise UserError(
+                    f"Invalid value {value!r} for '{section}.{name}' in {source}: it must be {allowed.description}."
+                )
     return deep_merge(defaults(), config)
 
 
@@ -338,12 +412,11 @@ def _as_yaml(value):
 
 
 def reference_table():
-    """The README's table of every key, generated from SCHEMA so the two never disagree."""
+    """docs/configuration.md's table of every key, generated from SCHEMA so the two never disagree."""
     rows = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for section, keys in SCHEMA.items():
         for name, key in keys.items():
-            rows.append(f"| `{section}.{name}` | `{_as_yaml(key.default)}` | {key.allowed.description} | "
-                        f"{key.doc} |")
+            rows.append(f"| `{section}.{name}` | `{_as_yaml(key.default)}` | {key.allowed.description} | {key.doc} |")
     return "\n".join(rows)
 
 

@@ -1,11 +1,12 @@
-"""The config system: inheritance, overrides, validation messages, and the README's key table."""
-import pathlib
+"""The config system: inheritance, overrides, validation messages, and the key table in docs/configuration.md."""
 
-import pytest
-import yaml
+import pathlib
 
 from rdrop import config
 from rdrop.errors import UserError
+
+import pytest
+import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -51,8 +52,16 @@ def test_inheritance_cycle_is_reported(tmp_path):
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
     path = write(tmp_path / "c.yaml", "")
-    loaded = config.load(path, ["data.crop_scale=[0.5,1.0]", "optimizer.lr=1e-3", "model.pretrained=null",
-                                "train.output_dir=runs/x", "rdrop.concat_batch=false"])
+    loaded = config.load(
+        path,
+        [
+            "data.crop_scale=[0.5,1.0]",
+            "optimizer.lr=1e-3",
+            "model.pretrained=null",
+            "train.output_dir=runs/x",
+            "rdrop.concat_batch=false",
+        ],
+    )
     assert loaded["data"]["crop_scale"] == [0.5, 1.0]
     assert loaded["optimizer"]["lr"] == 0.001
     assert loaded["model"]["pretrained"] is None
@@ -60,34 +69,40 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     assert loaded["rdrop"]["concat_batch"] is False
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("optimizer.lr", "section.key=value"),
-    ("lr=3", "section.key=value"),
-    ("optimizer.lr=[1,", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optimizer.lr", "section.key=value"),
+        ("lr=3", "section.key=value"),
+        ("optimizer.lr=[1,", "not valid YAML"),
+    ],
+)
 def test_malformed_overrides(tmp_path, override, expected):
     with pytest.raises(UserError, match=expected):
         config.load(write(tmp_path / "c.yaml", ""), [override])
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("optimizer:\n  learning_rate: 0.1\n", "Unknown key 'optimizer.learning_rate'"),
-    ("optimiser:\n  lr: 0.1\n", "Did you mean 'optimizer'"),
-    ("model:\n  dropuot: 0.1\n", "Did you mean 'model.dropout'"),
-    ("optimizer:\n  lr: -0.1\n", r"Invalid value -0.1 for 'optimizer.lr'.*\(0, inf\)"),
-    ("optimizer:\n  lr: '0.1'\n", "Invalid value '0.1' for 'optimizer.lr'"),
-    ("data:\n  crop_scale: [0.0, 1.0]\n", "'data.crop_scale'.*0 < min <= max <= 1"),
-    ("data:\n  crop_scale: [0.5, 1.5]\n", "'data.crop_scale'"),
-    ("train:\n  micro_batch_size: 0\n", "'train.micro_batch_size'.*integer >= 1"),
-    ("train:\n  global_batch_size: 8.5\n", "'train.global_batch_size'"),
-    ("train:\n  amp: fp8\n", "'train.amp'.*one of none, bf16, fp16"),
-    ("model:\n  dropout: 1.0\n", r"'model.dropout'.*\[0, 1\)"),
-    ("rdrop:\n  alpha: .nan\n", "'rdrop.alpha'"),
-    ("model: 3\n", "Section 'model'.*must be a mapping"),
-    ("- a\n- b\n", "must hold a mapping"),
-    ("model:\n  name: [unclosed\n", "not valid YAML"),
-    ("model: !!python/object/apply:os.system ['true']\n", "YAML tag"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("optimizer:\n  learning_rate: 0.1\n", "Unknown key 'optimizer.learning_rate'"),
+        ("optimiser:\n  lr: 0.1\n", "Did you mean 'optimizer'"),
+        ("model:\n  dropuot: 0.1\n", "Did you mean 'model.dropout'"),
+        ("optimizer:\n  lr: -0.1\n", r"Invalid value -0.1 for 'optimizer.lr'.*\(0, inf\)"),
+        ("optimizer:\n  lr: '0.1'\n", "Invalid value '0.1' for 'optimizer.lr'"),
+        ("data:\n  crop_scale: [0.0, 1.0]\n", "'data.crop_scale'.*0 < min <= max <= 1"),
+        ("data:\n  crop_scale: [0.5, 1.5]\n", "'data.crop_scale'"),
+        ("train:\n  micro_batch_size: 0\n", "'train.micro_batch_size'.*integer >= 1"),
+        ("train:\n  global_batch_size: 8.5\n", "'train.global_batch_size'"),
+        ("train:\n  amp: fp8\n", "'train.amp'.*one of none, bf16, fp16"),
+        ("model:\n  dropout: 1.0\n", r"'model.dropout'.*\[0, 1\)"),
+        ("rdrop:\n  alpha: .nan\n", "'rdrop.alpha'"),
+        ("model: 3\n", "Section 'model'.*must be a mapping"),
+        ("- a\n- b\n", "must hold a mapping"),
+        ("model:\n  name: [unclosed\n", "not valid YAML"),
+        ("model: !!python/object/apply:os.system ['true']\n", "YAML tag"),
+    ],
+)
 def test_bad_files_name_the_problem(tmp_path, text, expected):
     with pytest.raises(UserError, match=expected):
         config.load(write(tmp_path / "c.yaml", text))
@@ -111,4 +126,4 @@ def test_every_shipped_config_is_valid(path):
 
 
 def test_readme_documents_every_key_exactly_as_the_schema():
-    assert config.reference_table() in (ROOT / "README.md").read_text()
+    assert config.reference_table() in (ROOT / "docs" / "configuration.md").read_text()
