@@ -21,19 +21,19 @@ class_names; null for a class without images in the split), per_class_count (ima
 worst_classes (list of {class, name, top1, num_samples}), consistency (with --consistency),
 checkpoint, config and split.
 """
+
 import argparse
 import json
 import logging
 import os
 
-import rdrop  # noqa: E402,F401  (first: it quiets Paddle's import-time logging)
+from rdrop import config, distributed, evaluation, logs, runtime
+from rdrop.errors import UserError, exit_on_user_error
 
-import paddle  # noqa: E402
+import paddle
 
-import data  # noqa: E402
-import models  # noqa: E402
-from rdrop import config, distributed, evaluation, logs, runtime  # noqa: E402
-from rdrop.errors import UserError, exit_on_user_error  # noqa: E402
+import data
+import models
 
 logger = logging.getLogger("eval")
 
@@ -45,29 +45,47 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, .pdparams or Google .npz")
     parser.add_argument("--config", help="YAML config; default: the config.yaml of the checkpoint's run")
     parser.add_argument("--output", help="write all metrics to this JSON file")
-    parser.add_argument("--split", default="test", choices=["test", "val"],
-                        help="which split to evaluate (val needs data.val_size > 0)")
-    parser.add_argument("--consistency", type=int, default=0, metavar="K",
-                        help="also measure how K dropout samples disagree with the deterministic prediction")
-    parser.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key; the value is parsed as YAML; repeatable")
+    parser.add_argument(
+        "--split", default="test", choices=["test", "val"], help="which split to evaluate (val needs data.val_size > 0)"
+    )
+    parser.add_argument(
+        "--consistency",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also measure how K dropout samples disagree with the deterministic prediction",
+    )
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key; the value is parsed as YAML; repeatable",
+    )
     return parser.parse_args(argv)
 
 
 def format_report(report):
-    lines = [f"{report['split']} split of {report['num_samples']} images, weights {report['checkpoint']}",
-             f"  top-1  {report['top1']:7.2f} %",
-             f"  top-5  {report['top5']:7.2f} %",
-             f"  loss   {report['loss']:7.4f}"]
+    lines = [
+        f"{report['split']} split of {report['num_samples']} images, weights {report['checkpoint']}",
+        f"  top-1  {report['top1']:7.2f} %",
+        f"  top-5  {report['top5']:7.2f} %",
+        f"  loss   {report['loss']:7.4f}",
+    ]
     if report["worst_classes"]:
         lines.append("  worst classes (top-1, images):")
         width = max(len(worst["name"]) for worst in report["worst_classes"])
-        lines += [f"    {worst['name']:<{width}}  {worst['top1']:6.2f} %  {worst['num_samples']:5d}"
-                  for worst in report["worst_classes"]]
+        lines += [
+            f"    {worst['name']:<{width}}  {worst['top1']:6.2f} %  {worst['num_samples']:5d}"
+            for worst in report["worst_classes"]
+        ]
     if "consistency" in report:
         consistency = report["consistency"]
-        lines.append(f"  dropout consistency over {consistency['samples']} samples: mean symmetric KL "
-                     f"{consistency['symmetric_kl']:.4g}, top-1 disagreement {consistency['disagreement']:.2f} %")
+        lines.append(
+            f"  dropout consistency over {consistency['samples']} samples: mean symmetric KL "
+            f"{consistency['symmetric_kl']:.4g}, top-1 disagreement {consistency['disagreement']:.2f} %"
+        )
     return "\n".join(lines)
 
 
@@ -77,8 +95,9 @@ def write_json(report, path):
         with open(path, "w", encoding="utf-8") as stream:
             json.dump(report, stream, indent=2)
     except OSError as error:
-        raise UserError(f"Cannot write the metrics to --output '{path}' ({error.strerror or error}). "
-                        f"Choose a writable path.") from None
+        raise UserError(
+            f"Cannot write the metrics to --output '{path}' ({error.strerror or error}). Choose a writable path."
+        ) from None
 
 
 @exit_on_user_error
@@ -101,21 +120,26 @@ def main(argv=None):
     distributed.barrier(context)
     loader = data.build_eval_loader(cfg, args.split, context.rank, context.world_size)
     transform = data.build_batch_transform(cfg, train=False)
-    metrics = evaluation.evaluate(model, loader, transform, cfg["model"]["num_classes"], context,
-                                  cfg["train"]["amp"])
+    metrics = evaluation.evaluate(model, loader, transform, cfg["model"]["num_classes"], context, cfg["train"]["amp"])
     if args.consistency:
         if not any(cfg["model"][rate] for rate in ("dropout", "attn_dropout", "drop_path")):
-            logger.warning("model.dropout, attn_dropout and drop_path are all 0: every sample equals the "
-                           "deterministic prediction")
+            logger.warning(
+                "model.dropout, attn_dropout and drop_path are all 0: every sample equals the deterministic prediction"
+            )
         paddle.seed(cfg["train"]["seed"] + context.rank)  # reproducible dropout masks, different per rank
-        metrics["consistency"] = evaluation.dropout_consistency(model, loader, transform, args.consistency,
-                                                                context, cfg["train"]["amp"])
+        metrics["consistency"] = evaluation.dropout_consistency(
+            model, loader, transform, args.consistency, context, cfg["train"]["amp"]
+        )
 
     class_names = list(data.class_names(cfg))
-    report = {**metrics, "class_names": class_names,
-              "worst_classes": evaluation.worst_classes(metrics, class_names, WORST_CLASSES_SHOWN),
-              "checkpoint": os.path.abspath(args.checkpoint), "config": os.path.abspath(config_path),
-              "split": args.split}
+    report = {
+        **metrics,
+        "class_names": class_names,
+        "worst_classes": evaluation.worst_classes(metrics, class_names, WORST_CLASSES_SHOWN),
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "config": os.path.abspath(config_path),
+        "split": args.split,
+    }
     if context.is_main:
         logger.info(format_report(report))
         if args.output:

@@ -9,6 +9,7 @@ accumulates gradients over micro-batches of `train.micro_batch_size` and the ran
 averaged. Each micro-batch goes through the model twice with independent dropout masks (one pass over
 the doubled batch) and the loss is CE + CE + alpha * symmetric KL (see rdrop/loss.py).
 """
+
 import argparse
 import itertools
 import logging
@@ -16,17 +17,16 @@ import math
 import os
 import time
 
-import rdrop  # noqa: E402,F401  (first: it quiets Paddle's import-time logging)
+from rdrop import checkpoint, config, distributed, evaluation, logs, optim, precision, runtime
+from rdrop.errors import UserError, exit_on_user_error
+from rdrop.preemption import StopRequest
+from rdrop.step import LOSS_NAMES, TrainStep, accumulation_steps, compile_model
 
-import numpy as np  # noqa: E402
-import paddle  # noqa: E402
+import numpy as np
+import paddle
 
-import data  # noqa: E402
-import models  # noqa: E402
-from rdrop import checkpoint, config, distributed, evaluation, logs, optim, precision, runtime  # noqa: E402
-from rdrop.errors import UserError, exit_on_user_error  # noqa: E402
-from rdrop.preemption import StopRequest  # noqa: E402
-from rdrop.step import LOSS_NAMES, TrainStep, accumulation_steps, compile_model  # noqa: E402
+import data
+import models
 
 logger = logging.getLogger("train")
 
@@ -34,15 +34,21 @@ logger = logging.getLogger("train")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file in configs/ (or your own)")
-    parser.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key; the value is parsed as YAML; repeatable")
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key; the value is parsed as YAML; repeatable",
+    )
     return parser.parse_args(argv)
 
 
 def dropout_seed(seed, rank, step):
     """Dropout masks of optimizer step `step` on `rank` depend on these three numbers only, so a resumed
     run draws exactly the masks the uninterrupted run would have, with no RNG state to checkpoint."""
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 31 - 1)
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**31 - 1)
 
 
 def hyperparameters(cfg):
@@ -69,9 +75,14 @@ def main(argv=None):
         checkpoint.claim_output_dir(train_cfg)
         config.save(cfg, os.path.join(output_dir, "config.yaml"))
     logs.setup(context, output_dir if context.is_main else None)
-    logger.info("%d process(es) x %d micro-batch(es) of %d = %d images per step%s", context.world_size,
-                accumulation, train_cfg["micro_batch_size"], train_cfg["global_batch_size"],
-                f"; {cpu_threads} CPU threads per process" if cpu_threads else "")
+    logger.info(
+        "%d process(es) x %d micro-batch(es) of %d = %d images per step%s",
+        context.world_size,
+        accumulation,
+        train_cfg["micro_batch_size"],
+        train_cfg["global_batch_size"],
+        f"; {cpu_threads} CPU threads per process" if cpu_threads else "",
+    )
 
     # Model, optimizer, loss. Every rank builds the same initial weights; fleet broadcasts rank 0's anyway.
     paddle.seed(train_cfg["seed"])
@@ -90,9 +101,13 @@ def main(argv=None):
     eval_transform = data.build_batch_transform(cfg, train=False)
     selection_split = "val" if cfg["data"]["val_size"] else "test"
     selection_loader = data.build_eval_loader(cfg, selection_split, context.rank, context.world_size)
-    logger.info("Model selection on the %s split (%s)", selection_split,
-                "held out from training" if selection_split == "val" else
-                "set data.val_size to select on held-out training images instead")
+    logger.info(
+        "Model selection on the %s split (%s)",
+        selection_split,
+        "held out from training"
+        if selection_split == "val"
+        else "set data.val_size to select on held-out training images instead",
+    )
 
     step, best, bad_steps = 0, None, 0
     if resume_from is not None:
@@ -110,19 +125,34 @@ def main(argv=None):
 
     def save_checkpoint():
         if context.is_main:
-            checkpoint.save(output_dir, step, model.state_dict(), checkpoint.portable_optimizer_state(optimizer, model),
-                            {"data": stream.state_dict(), "best": best, "loss_scaler": scaler.state_dict()},
-                            keep=train_cfg["keep_checkpoints"])
+            checkpoint.save(
+                output_dir,
+                step,
+                model.state_dict(),
+                checkpoint.portable_optimizer_state(optimizer, model),
+                {"data": stream.state_dict(), "best": best, "loss_scaler": scaler.state_dict()},
+                keep=train_cfg["keep_checkpoints"],
+            )
 
     def evaluate_and_select():
         nonlocal best
-        metrics = evaluation.evaluate(ddp_model, selection_loader, eval_transform, cfg["model"]["num_classes"],
-                                      context, train_cfg["amp"])
+        metrics = evaluation.evaluate(
+            ddp_model, selection_loader, eval_transform, cfg["model"]["num_classes"], context, train_cfg["amp"]
+        )
         checksums = distributed.parameter_checksums(model, context)
         drift = float(np.max(np.abs(checksums - checksums[0])))
-        logger.info("eval step %d on %s: top1 %.2f  top5 %.2f  loss %.4f  (%d images; parameter checksum "
-                    "%.6e, max drift across ranks %.3e)", step, selection_split, metrics["top1"], metrics["top5"],
-                    metrics["loss"], metrics["num_samples"], checksums[0], drift)
+        logger.info(
+            "eval step %d on %s: top1 %.2f  top5 %.2f  loss %.4f  (%d images; parameter checksum "
+            "%.6e, max drift across ranks %.3e)",
+            step,
+            selection_split,
+            metrics["top1"],
+            metrics["top5"],
+            metrics["loss"],
+            metrics["num_samples"],
+            checksums[0],
+            drift,
+        )
         writer.scalars("eval", {k: metrics[k] for k in ("top1", "top5", "loss")}, step)
         improved = math.isfinite(metrics["loss"]) and (best is None or metrics["top1"] > best["top1"])
         if improved:
@@ -151,15 +181,20 @@ def main(argv=None):
             bad_steps += 1
             logger.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", step, bad_steps)
             if bad_steps >= train_cfg["max_bad_steps"]:
-                raise UserError(f"Training diverged: {bad_steps} consecutive steps had a non-finite loss or "
-                                f"gradient (train.max_bad_steps). Lower optimizer.lr, keep optimizer.grad_clip "
-                                f"on, or use amp bf16 instead of fp16; resume from the last checkpoint.")
+                raise UserError(
+                    f"Training diverged: {bad_steps} consecutive steps had a non-finite loss or "
+                    f"gradient (train.max_bad_steps). Lower optimizer.lr, keep optimizer.grad_clip "
+                    f"on, or use amp bf16 instead of fp16; resume from the last checkpoint."
+                )
         else:
             bad_steps = 0
 
         if step % train_cfg["log_every"] == 0 or step == total_steps:
-            values = {name: float(total) / window_steps for name, total in window.items()
-                      if name != "kl" or train_step.criterion.needs_two_samples}
+            values = {
+                name: float(total) / window_steps
+                for name, total in window.items()
+                if name != "kl" or train_step.criterion.needs_two_samples
+            }
             values.update(lr=outcome["lr"], grad_norm=float(outcome["grad_norm"]))
             elapsed = time.perf_counter() - window_start
             img_per_s = window_steps * train_cfg["global_batch_size"] / elapsed
@@ -173,17 +208,25 @@ def main(argv=None):
         if (train_cfg["save_every"] and step % train_cfg["save_every"] == 0) or step == total_steps or stop_requested:
             save_checkpoint()
         if stop_requested:
-            logger.info("Stopped by %s at step %d; checkpoint saved. Resume with -o train.resume=auto.",
-                        stop.signal_name or "a signal on another rank", step)
+            logger.info(
+                "Stopped by %s at step %d; checkpoint saved. Resume with -o train.resume=auto.",
+                stop.signal_name or "a signal on another rank",
+                step,
+            )
             break
 
     stream.close()
     if selection_split == "val" and not stop_requested:
         test_loader = data.build_eval_loader(cfg, "test", context.rank, context.world_size)
-        test = evaluation.evaluate(ddp_model, test_loader, eval_transform, cfg["model"]["num_classes"], context,
-                                   train_cfg["amp"])
-        logger.info("final weights on test: top1 %.2f  top5 %.2f (the best-on-val weights: python eval.py "
-                    "--checkpoint %s)", test["top1"], test["top5"], os.path.join(output_dir, checkpoint.BEST_WEIGHTS))
+        test = evaluation.evaluate(
+            ddp_model, test_loader, eval_transform, cfg["model"]["num_classes"], context, train_cfg["amp"]
+        )
+        logger.info(
+            "final weights on test: top1 %.2f  top5 %.2f (the best-on-val weights: python eval.py --checkpoint %s)",
+            test["top1"],
+            test["top5"],
+            os.path.join(output_dir, checkpoint.BEST_WEIGHTS),
+        )
     watchdog.stop()  # from here on a rank that is done may exit before the others
     distributed.barrier(context)
     if stop_requested:
@@ -192,8 +235,13 @@ def main(argv=None):
     writer.hparams(hyperparameters(cfg), ["eval/top1", "eval/top5", "eval/loss"])
     writer.close()
     if best is not None:
-        logger.info("Done: best %s top1 %.2f at step %d, weights in %s", best["split"], best["top1"], best["step"],
-                    os.path.join(output_dir, checkpoint.BEST_WEIGHTS))
+        logger.info(
+            "Done: best %s top1 %.2f at step %d, weights in %s",
+            best["split"],
+            best["top1"],
+            best["step"],
+            os.path.join(output_dir, checkpoint.BEST_WEIGHTS),
+        )
 
 
 if __name__ == "__main__":

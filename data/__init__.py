@@ -17,6 +17,7 @@ host or device-side augmentation path.
 On the device path (data.device_augment) `images` is a `CropBatch` (training) or uint8 NCHW (eval)
 until the batch transform turns it into float32 NCHW; count images with `labels`.
 """
+
 from data.device_transform import CropBatch, build_batch_transform
 from data.loader import TrainStream, build_eval_loader, class_names
 from data.settings import InputSettings

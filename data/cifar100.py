@@ -5,11 +5,14 @@ are bound by gunzip); this module locates or downloads the archive, turns every 
 can fail on a bad file into a `UserError` naming the file, and reads the class names from `meta`,
 which Paddle ignores.
 """
+
 import functools
 import logging
 import pickle
 import tarfile
 from pathlib import Path
+
+from rdrop.errors import UserError
 
 import numpy as np
 import paddle.dataset.common
@@ -17,7 +20,6 @@ from paddle.vision.datasets import Cifar100
 from paddle.vision.datasets.cifar import CIFAR100_MD5, CIFAR100_URL
 
 from data.image_set import ImageSet
-from rdrop.errors import UserError
 
 logger = logging.getLogger(__name__)
 

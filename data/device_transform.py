@@ -7,6 +7,7 @@ with bilinear `grid_sample` on whatever device the batch lives on. With `align_c
 border padding this is the geometry of `data.transforms.resized_crop` (see that module), so for
 the same boxes both paths produce the same float32 NCHW images up to rounding.
 """
+
 from typing import NamedTuple
 
 import paddle
@@ -48,9 +49,7 @@ def resized_crop_batch(pixels, boxes, out_size):
         axis=1,
     )
     grid = F.affine_grid(theta, [batch, channels, out_size, out_size], align_corners=False)
-    return F.grid_sample(
-        normalize(pixels), grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
+    return F.grid_sample(normalize(pixels), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def resize_batch(pixels, out_size):

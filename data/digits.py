@@ -8,6 +8,7 @@ sampler and loaders as CIFAR-100.
 Fixed split, no randomness: for every class, its last TEST_PER_CLASS images in scikit-learn's
 order form the test set (300 images, 30 per class) and the rest the training set (1,497 images).
 """
+
 import functools
 
 import numpy as np

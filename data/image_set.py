@@ -3,6 +3,7 @@
 CIFAR-100 and the digits dataset differ only in how they produce an `ImageSet`; sampling,
 transforms and loaders work on this type alone.
 """
+
 from dataclasses import dataclass
 
 import numpy as np

@@ -5,9 +5,12 @@ the calling process). The training stream is one endless DataLoader iteration ov
 `TrainBatchSampler`, so workers are started once, not every epoch; its position counts the
 micro-batches handed to the caller, not what the loader has read ahead.
 """
+
 import logging
 import math
 import shutil
+
+from rdrop.errors import UserError
 
 import paddle
 
@@ -16,7 +19,6 @@ from data.sampler import StreamPosition, TrainBatchSampler, eval_shard
 from data.samples import EvalSamples, TrainSamples
 from data.settings import InputSettings
 from data.splits import load_split
-from rdrop.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +157,7 @@ class TrainStream:
             self._settings.micro_batch_size,
             start=position,
         )
-        return _data_loader(
-            self._samples, self._settings, self._settings.micro_batch_size, batch_sampler=sampler
-        )
+        return _data_loader(self._samples, self._settings, self._settings.micro_batch_size, batch_sampler=sampler)
 
 
 def build_eval_loader(cfg, split, rank, world_size):

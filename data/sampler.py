@@ -10,8 +10,8 @@ different tail every epoch). A position is (epoch, micro-batches already taken i
 Evaluation: rank r gets a contiguous block of the split; blocks differ in size by at most one and
 together cover every image exactly once, with no padding.
 """
-from dataclasses import dataclass
 
+from dataclasses import dataclass
 
 from data.seeding import Purpose, derived_rng
 

@@ -10,6 +10,7 @@ needed, and a resumed stream gets the same crops). Evaluation keys are plain ind
     device path, train: (uint8 3 x 32 x 32, float32 [top, left, height, width], int64 label)
     device path, eval:  (uint8 3 x 32 x 32, int64 label)
 """
+
 import numpy as np
 import paddle
 

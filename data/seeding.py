@@ -6,6 +6,7 @@ position of the sample: not on the number of loader workers, on prefetching or o
 boundaries. That is what makes a resumed run see exactly the batches and crops of an uninterrupted
 one.
 """
+
 import enum
 
 import numpy as np

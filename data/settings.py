@@ -4,6 +4,7 @@ The config system (rdrop/config.py) has already validated every value. Modules b
 `InputSettings`, not the raw dict, so the config keys the input pipeline depends on are listed in one
 place.
 """
+
 from dataclasses import dataclass
 
 

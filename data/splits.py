@@ -4,13 +4,15 @@
 class counts allow and fixed by `train.seed`; "train" is the official training set without them.
 Labels are checked against `model.num_classes` here, once, for every dataset.
 """
+
 import logging
+
+from rdrop.errors import UserError
 
 import numpy as np
 
 from data import cifar100, digits
 from data.seeding import Purpose, derived_rng
-from rdrop.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ with half-pixel centres (`align_corners=False`). Unlike PIL, which crops first, 
 samples may blend in up to half a pixel of the neighbouring image content; there is no
 anti-aliasing when shrinking (the recipe only enlarges 32x32 images).
 """
+
 import math
 from typing import NamedTuple
 

@@ -1,4 +1,5 @@
 """Vision Transformers for R-Drop fine-tuning: the model, named sizes, and pretrained-weight loading."""
+
 from .presets import (
     ARCHITECTURE_KEYS,
     MODEL_NAMES,

@@ -8,6 +8,7 @@ build specific to the CPU. Processes that start together (the launcher's ranks) 
 others wait on a file lock. When the build fails (no compiler, say), `kernels()` logs why once
 and returns None, and models/layers.py uses Paddle's kernels instead.
 """
+
 import contextlib
 import fcntl
 import functools
@@ -41,8 +42,12 @@ def _cpu_model():
 
 def build_name():
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(), _cpu_model().encode(),
-                 paddle.__version__.encode()):
+    for part in (
+        SOURCE.read_bytes(),
+        " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(),
+        _cpu_model().encode(),
+        paddle.__version__.encode(),
+    ):
         digest.update(part)
     return f"rdrop_cpu_kernels_{digest.hexdigest()[:16]}"
 
@@ -82,8 +87,13 @@ def _build_and_load(name):
                     pass
             logger.info("Compiling the CPU kernels (models/cpu_kernels.cc), once for this machine: about 25 s")
             try:
-                return load(name=name, sources=[str(SOURCE)], extra_cxx_cflags=COMPILE_FLAGS,
-                            extra_ldflags=LINK_FLAGS, build_directory=str(directory))
+                return load(
+                    name=name,
+                    sources=[str(SOURCE)],
+                    extra_cxx_cflags=COMPILE_FLAGS,
+                    extra_ldflags=LINK_FLAGS,
+                    build_directory=str(directory),
+                )
             except Exception as error:
                 output.seek(0)
                 raise RuntimeError(f"{error}\n{output.read()[-4000:]}") from error
@@ -96,6 +106,9 @@ def kernels():
     try:
         return _build_and_load(build_name())
     except Exception as error:  # a missing or failing compiler must not stop training: fall back
-        logger.warning("The CPU kernels in models/cpu_kernels.cc could not be built, so Paddle's slower "
-                       "kernels are used. Set model.cpu_kernels: false to skip the attempt. Reason: %s", error)
+        logger.warning(
+            "The CPU kernels in models/cpu_kernels.cc could not be built, so Paddle's slower "
+            "kernels are used. Set model.cpu_kernels: false to skip the attempt. Reason: %s",
+            error,
+        )
         return None

@@ -4,6 +4,7 @@ Presets are the ViT-Ti/S/B/L variants of the ViT and AugReg papers; `vit` takes 
 (patch_size, embed_dim, depth, num_heads, mlp_dim) from the config instead. Also counts the analytic
 forward FLOPs of a configuration, for the benchmark's throughput figures.
 """
+
 import dataclasses
 
 from rdrop.errors import UserError

@@ -21,6 +21,7 @@ interpolation (class token kept), Google's `pre_logits` layer is dropped (Google
 it too). Anything else that does not match the model exactly (missing or unexpected keys, other
 shapes) is a UserError listing every offending key; nothing is ever loaded partially.
 """
+
 import logging
 import math
 import os
@@ -28,12 +29,12 @@ import urllib.parse
 import zipfile
 import zlib
 
+from rdrop.errors import UserError
+
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle.utils import download
-
-from rdrop.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ def load_pretrained(model, path_or_url, md5sum=None, adapt=True):
         state = _state_from_pdparams(path, model)
     else:
         raise UserError(
-            f"Pretrained weights '{path}' have an unknown format; model.pretrained must be "
-            f"{SUPPORTED_FORMATS}."
+            f"Pretrained weights '{path}' have an unknown format; model.pretrained must be {SUPPORTED_FORMATS}."
         )
     _fit_to_model(state, model, path, adapt)
     model.set_state_dict(state)
@@ -161,8 +161,9 @@ def _state_from_google_npz(path, model):
     arrays = _read_npz(path)
     pre_logits = sorted(key for key in arrays if key.startswith(GOOGLE_PRE_LOGITS_PREFIX))
     if pre_logits:
-        logger.info("Ignoring the pre-logits layer of %s (%s), as Google's fine-tuning does",
-                    path, ", ".join(pre_logits))
+        logger.info(
+            "Ignoring the pre-logits layer of %s (%s), as Google's fine-tuning does", path, ", ".join(pre_logits)
+        )
     arrays = {key: value for key, value in arrays.items() if key not in pre_logits}
 
     expected = google_npz_shapes(model)
@@ -275,10 +276,17 @@ def _fit_to_model(state, model, path, adapt):
 
 def _adapt_head(state, model):
     head_weight, head_bias = state["head.weight"], state["head.bias"]
-    if (head_weight.ndim == 2 and head_weight.shape[0] == model.embed_dim
-            and head_weight.shape[1] != model.num_classes and head_bias.shape == (head_weight.shape[1],)):
-        logger.info("Pretrained head has %d classes, the model %d: head initialised to zeros",
-                    head_weight.shape[1], model.num_classes)
+    if (
+        head_weight.ndim == 2
+        and head_weight.shape[0] == model.embed_dim
+        and head_weight.shape[1] != model.num_classes
+        and head_bias.shape == (head_weight.shape[1],)
+    ):
+        logger.info(
+            "Pretrained head has %d classes, the model %d: head initialised to zeros",
+            head_weight.shape[1],
+            model.num_classes,
+        )
         state["head.weight"] = np.zeros((model.embed_dim, model.num_classes), dtype=np.float32)
         state["head.bias"] = np.zeros((model.num_classes,), dtype=np.float32)
 
@@ -286,8 +294,13 @@ def _adapt_head(state, model):
 def _adapt_position_embedding(state, model):
     old_grid = _grid_side(state["pos_embed"], model.embed_dim)
     if old_grid is not None and old_grid != model.grid_size:
-        logger.info("Resizing the position embedding grid from %dx%d to %dx%d (bilinear, class token kept)",
-                    old_grid, old_grid, model.grid_size, model.grid_size)
+        logger.info(
+            "Resizing the position embedding grid from %dx%d to %dx%d (bilinear, class token kept)",
+            old_grid,
+            old_grid,
+            model.grid_size,
+            model.grid_size,
+        )
         state["pos_embed"] = resize_position_embedding(state["pos_embed"], model.grid_size)
 
 
@@ -310,7 +323,9 @@ def resize_position_embedding(pos_embed, new_grid):
     grid = pos_embed[0, 1:].reshape(old_grid, old_grid, width).transpose(2, 0, 1)[None]
     resized = F.interpolate(
         paddle.to_tensor(np.ascontiguousarray(grid), dtype="float32"),
-        size=[new_grid, new_grid], mode="bilinear", align_corners=True,
+        size=[new_grid, new_grid],
+        mode="bilinear",
+        align_corners=True,
     )
     resized = resized.numpy()[0].transpose(1, 2, 0).reshape(1, new_grid * new_grid, width)
     return np.concatenate([pos_embed[:, :1], resized.astype(pos_embed.dtype)], axis=1)

@@ -21,6 +21,7 @@ and on a small from-scratch run (sklearn digits) it trained as well as a Xavier-
 Linear, LayerNorm, GELU and Dropout come from models/layers.py: Paddle's, with faster paths for eager
 float32 on the CPU (`cpu_kernels`); attention takes flash attention through SDPA on GPUs.
 """
+
 import math
 
 import paddle
@@ -162,8 +163,21 @@ class VisionTransformer(nn.Layer):
     `cpu_kernels` turns the fast CPU paths of models/layers.py on or off for every layer.
     """
 
-    def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, mlp_dim, num_classes,
-                 dropout=0.1, attn_dropout=0.0, drop_path=0.0, in_channels=3, cpu_kernels=True):
+    def __init__(
+        self,
+        img_size,
+        patch_size,
+        embed_dim,
+        depth,
+        num_heads,
+        mlp_dim,
+        num_classes,
+        dropout=0.1,
+        attn_dropout=0.0,
+        drop_path=0.0,
+        in_channels=3,
+        cpu_kernels=True,
+    ):
         super().__init__()
         self.img_size = img_size
         self.patch_size = patch_size

@@ -1,4 +1,5 @@
 """R-Drop for Vision Transformers: the loss, and the library code `train.py` and `eval.py` share."""
+
 import os
 import warnings
 

@@ -11,15 +11,16 @@ A checkpoint is written into a hidden `.step_<N>.partial` folder, every file flu
 then renamed to `step_<N>`: the rename is atomic, so a folder named `step_<N>` is always complete,
 and a crash mid-save leaves the previous checkpoints untouched. Only rank 0 calls the writers.
 """
+
 import json
 import logging
 import os
 import re
 import shutil
 
-import paddle
-
 from rdrop.errors import UserError
+
+import paddle
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,11 @@ def _write_json(data, path):
 
 
 def _save_error(what, error):
-    return UserError(f"Could not write {what} ({error.strerror or error}). Free disk space or make the "
-                     f"folder writable, then resume with train.resume=auto: the previous checkpoints "
-                     f"are intact.")
+    return UserError(
+        f"Could not write {what} ({error.strerror or error}). Free disk space or make the "
+        f"folder writable, then resume with train.resume=auto: the previous checkpoints "
+        f"are intact."
+    )
 
 
 def list_checkpoints(output_dir):
@@ -104,14 +107,18 @@ def save_best(output_dir, model_state, metrics):
 
 def _load_file(path, loader):
     if not os.path.isfile(path):
-        raise UserError(f"Checkpoint file '{path}' is missing: the checkpoint is incomplete or not a "
-                        f"checkpoint folder of this project. Point train.resume at a checkpoints/step_<N> "
-                        f"folder, or use train.resume=auto.")
+        raise UserError(
+            f"Checkpoint file '{path}' is missing: the checkpoint is incomplete or not a "
+            f"checkpoint folder of this project. Point train.resume at a checkpoints/step_<N> "
+            f"folder, or use train.resume=auto."
+        )
     try:
         return loader(path)
     except Exception as error:  # paddle.load and json raise many types on corrupt files
-        raise UserError(f"Checkpoint file '{path}' cannot be read ({type(error).__name__}: {error}). It is "
-                        f"corrupt or not a checkpoint; resume from another checkpoint.") from None
+        raise UserError(
+            f"Checkpoint file '{path}' cannot be read ({type(error).__name__}: {error}). It is "
+            f"corrupt or not a checkpoint; resume from another checkpoint."
+        ) from None
 
 
 def _read_json(path):
@@ -124,23 +131,30 @@ def load_model_state(path):
     try:
         state = paddle.load(path, return_numpy=True)
     except Exception as error:  # paddle.load lets whatever its last format attempt raised escape
-        raise UserError(f"Weights file '{path}' cannot be read by paddle.load ({type(error).__name__}: "
-                        f"{error}). It is corrupt or not a state dict; use another checkpoint.") from None
+        raise UserError(
+            f"Weights file '{path}' cannot be read by paddle.load ({type(error).__name__}: "
+            f"{error}). It is corrupt or not a state dict; use another checkpoint."
+        ) from None
     if not isinstance(state, dict) or not all(hasattr(value, "shape") for value in state.values()):
-        raise UserError(f"Weights file '{path}' does not hold a state dict (parameter names -> arrays); pass a "
-                        f"model's weights such as best.pdparams or checkpoints/step_<N>/model.pdparams.")
+        raise UserError(
+            f"Weights file '{path}' does not hold a state dict (parameter names -> arrays); pass a "
+            f"model's weights such as best.pdparams or checkpoints/step_<N>/model.pdparams."
+        )
     return state
-
 
 
 def load(path):
     """Read a checkpoint folder: (model_state, optimizer_state, trainer_state)."""
     if not os.path.isdir(path):
-        raise UserError(f"Checkpoint '{path}' is not a folder. Point train.resume at a checkpoints/step_<N> "
-                        f"folder of a previous run, or use train.resume=auto.")
-    return (_load_file(os.path.join(path, MODEL_FILE), paddle.load),
-            _load_file(os.path.join(path, OPTIMIZER_FILE), paddle.load),
-            _load_file(os.path.join(path, STATE_FILE), _read_json))
+        raise UserError(
+            f"Checkpoint '{path}' is not a folder. Point train.resume at a checkpoints/step_<N> "
+            f"folder of a previous run, or use train.resume=auto."
+        )
+    return (
+        _load_file(os.path.join(path, MODEL_FILE), paddle.load),
+        _load_file(os.path.join(path, OPTIMIZER_FILE), paddle.load),
+        _load_file(os.path.join(path, STATE_FILE), _read_json),
+    )
 
 
 def restore_model(model, state, source):
@@ -149,16 +163,26 @@ def restore_model(model, state, source):
     given = {name: tuple(value.shape) for name, value in state.items()}
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
-    mismatched = [f"{name}: checkpoint {given[name]} vs model {expected[name]}"
-                  for name in sorted(set(expected) & set(given)) if given[name] != expected[name]]
+    mismatched = [
+        f"{name}: checkpoint {given[name]} vs model {expected[name]}"
+        for name in sorted(set(expected) & set(given))
+        if given[name] != expected[name]
+    ]
     if missing or unexpected or mismatched:
-        problems = "; ".join(part for part in (
-            f"missing {', '.join(missing[:8])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:8])}" if unexpected else "",
-            f"shape mismatch {', '.join(mismatched[:8])}" if mismatched else "") if part)
-        raise UserError(f"The weights in '{source}' do not fit the model built from the config ({problems}). "
-                        f"Use the config of the run that wrote them (its config.yaml), e.g. the same model.name, "
-                        f"model.img_size and model.num_classes.")
+        problems = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:8])}" if missing else "",
+                f"unexpected {', '.join(unexpected[:8])}" if unexpected else "",
+                f"shape mismatch {', '.join(mismatched[:8])}" if mismatched else "",
+            )
+            if part
+        )
+        raise UserError(
+            f"The weights in '{source}' do not fit the model built from the config ({problems}). "
+            f"Use the config of the run that wrote them (its config.yaml), e.g. the same model.name, "
+            f"model.img_size and model.num_classes."
+        )
     model.set_state_dict(state)
 
 
@@ -171,7 +195,7 @@ def _rename_keys(state, renames):
             value = _rename_keys(value, renames)
         for old, new in ordered:
             if key == old or key.startswith(old + "_"):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         renamed[key] = value
     return renamed
@@ -202,9 +226,11 @@ def claim_output_dir(train_cfg):
     output_dir = train_cfg["output_dir"]
     if train_cfg["resume"] is None and list_checkpoints(output_dir):
         if not train_cfg["overwrite"]:
-            raise UserError(f"Output folder '{output_dir}' already holds checkpoints of another run. Resume it "
-                            f"with -o train.resume=auto, choose another train.output_dir, or set "
-                            f"train.overwrite=true to delete that run's checkpoints and best weights.")
+            raise UserError(
+                f"Output folder '{output_dir}' already holds checkpoints of another run. Resume it "
+                f"with -o train.resume=auto, choose another train.output_dir, or set "
+                f"train.overwrite=true to delete that run's checkpoints and best weights."
+            )
         logger.warning("train.overwrite is set: deleting the checkpoints and best weights in %s", output_dir)
         shutil.rmtree(os.path.join(output_dir, CHECKPOINTS))
         for name in (BEST_WEIGHTS, BEST_METRICS):
@@ -213,5 +239,6 @@ def claim_output_dir(train_cfg):
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as error:
-        raise UserError(f"Cannot create train.output_dir '{output_dir}' ({error.strerror}). Choose a writable "
-                        f"folder.") from None
+        raise UserError(
+            f"Cannot create train.output_dir '{output_dir}' ({error.strerror}). Choose a writable folder."
+        ) from None

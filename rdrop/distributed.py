@@ -4,6 +4,7 @@ One process per device, started by `python -m paddle.distributed.launch` (or a p
 process). Every rank runs the same code; only rank 0 writes files. Collectives here are all-reduces of
 small tensors, so they work the same over NCCL on GPUs and gloo on CPUs.
 """
+
 import contextlib
 import logging
 import os
@@ -11,13 +12,13 @@ import re
 import subprocess
 import sys
 
+from rdrop.errors import UserError
+
 import numpy as np
 import paddle
-import psutil
 import paddle.distributed as dist
+import psutil
 from paddle.distributed import fleet
-
-from rdrop.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,11 @@ class RankWatchdog:
                 siblings.append(f"{rank}:{process.pid}")
         if siblings:
             script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_watcher.py")
-            self._watcher = subprocess.Popen([sys.executable, script, str(context.rank), str(os.getpid()),
-                                              *siblings], stdin=subprocess.DEVNULL, start_new_session=True)
+            self._watcher = subprocess.Popen(
+                [sys.executable, script, str(context.rank), str(os.getpid()), *siblings],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def stop(self):
         if self._watcher is not None:
@@ -114,9 +118,11 @@ def peers_expected(context):
             raise
         lost = re.search(r"pair_rank = (\d+)", str(error))
         who = f"rank {lost.group(1)}" if lost else "another rank"
-        raise UserError(f"Rank {context.rank} lost contact with {who} during a collective operation ({error}). "
-                        f"That process died or was killed; the job cannot continue. Restart it with "
-                        f"-o train.resume=auto to continue from the last checkpoint.") from None
+        raise UserError(
+            f"Rank {context.rank} lost contact with {who} during a collective operation ({error}). "
+            f"That process died or was killed; the job cannot continue. Restart it with "
+            f"-o train.resume=auto to continue from the last checkpoint."
+        ) from None
 
 
 def barrier(context):

@@ -4,6 +4,7 @@ Anything a user can get wrong (a config value, a data file, a checkpoint) raises
 message that names the thing and says how to fix it. Entry points wrap `main` in `exit_on_user_error`.
 Everything else is a programming error and keeps its traceback.
 """
+
 import functools
 import sys
 

@@ -10,17 +10,19 @@ Each rank sees a disjoint part of the set (the data package shards without paddi
 all-reduced, so every image is counted exactly once and every rank reports the same numbers. All
 accumulation stays on the device; the only copy to the host is of the final totals.
 """
+
 import contextlib
 import os
+
+from rdrop import checkpoint, distributed
+from rdrop.errors import UserError
+from rdrop.loss import cross_entropy, symmetric_kl
+from rdrop.precision import autocast
 
 import paddle
 import paddle.nn.functional as F
 
 import models
-from rdrop import checkpoint, distributed
-from rdrop.errors import UserError
-from rdrop.loss import cross_entropy, symmetric_kl
-from rdrop.precision import autocast
 
 RUN_CONFIG = "config.yaml"
 FOLDER, PDPARAMS, NPZ = "checkpoint folder", ".pdparams", ".npz"
@@ -32,8 +34,9 @@ def weights_format(path):
     if os.path.isdir(path):
         return FOLDER
     if not os.path.isfile(path):
-        raise UserError(f"Checkpoint '{path}' does not exist. Pass {WEIGHT_FORMATS}, e.g. "
-                        f"--checkpoint output/run/best.pdparams.")
+        raise UserError(
+            f"Checkpoint '{path}' does not exist. Pass {WEIGHT_FORMATS}, e.g. --checkpoint output/run/best.pdparams."
+        )
     for suffix in (PDPARAMS, NPZ):
         if path.lower().endswith(suffix):
             return suffix
@@ -45,9 +48,11 @@ def run_config_path(weights_path):
     or a checkpoint folder's model.pdparams) or in the run folder above `checkpoints/step_<N>`."""
     kind = weights_format(weights_path)
     if kind == NPZ:
-        raise UserError(f"'{weights_path}' is a Google .npz, which does not belong to a training run of this "
-                        f"project, so it has no config.yaml: pass the config that describes its architecture "
-                        f"and the dataset, e.g. --config configs/vit_b16_cifar100.yaml.")
+        raise UserError(
+            f"'{weights_path}' is a Google .npz, which does not belong to a training run of this "
+            f"project, so it has no config.yaml: pass the config that describes its architecture "
+            f"and the dataset, e.g. --config configs/vit_b16_cifar100.yaml."
+        )
     folder = os.path.abspath(weights_path if kind == FOLDER else os.path.dirname(os.path.abspath(weights_path)))
     candidates = [folder]
     if os.path.basename(os.path.dirname(folder)) == checkpoint.CHECKPOINTS:
@@ -56,9 +61,11 @@ def run_config_path(weights_path):
         path = os.path.join(candidate, RUN_CONFIG)
         if os.path.isfile(path):
             return path
-    raise UserError(f"No --config given and no {RUN_CONFIG} found for checkpoint '{weights_path}' (looked in "
-                    f"{' and '.join(candidates)}). Pass the config the weights were trained with, e.g. "
-                    f"--config output/run/{RUN_CONFIG}.")
+    raise UserError(
+        f"No --config given and no {RUN_CONFIG} found for checkpoint '{weights_path}' (looked in "
+        f"{' and '.join(candidates)}). Pass the config the weights were trained with, e.g. "
+        f"--config output/run/{RUN_CONFIG}."
+    )
 
 
 def load_trained_weights(model, path):
@@ -71,8 +78,10 @@ def load_trained_weights(model, path):
     if not os.path.isfile(file):
         best = os.path.join(path, checkpoint.BEST_WEIGHTS)
         hint = f" (this looks like a run folder: its best weights are '{best}')" if os.path.isfile(best) else ""
-        raise UserError(f"Checkpoint folder '{path}' holds no {checkpoint.MODEL_FILE}{hint}. Pass a "
-                        f"checkpoints/step_<N> folder of a training run, or a .pdparams file.")
+        raise UserError(
+            f"Checkpoint folder '{path}' holds no {checkpoint.MODEL_FILE}{hint}. Pass a "
+            f"checkpoints/step_<N> folder of a training run, or a .pdparams file."
+        )
     checkpoint.restore_model(model, checkpoint.load_model_state(file), file)
 
 
@@ -110,8 +119,8 @@ def evaluate(model, loader, batch_transform, num_classes, context, amp="none"):
             count_per_class += one_hot.sum(0)
     totals = paddle.concat([loss_sum, top5_sum, top1_per_class, count_per_class])
     totals = distributed.all_reduce_sum(totals, context).numpy()
-    loss, top5, top1_per_class = totals[0], totals[1], totals[2:2 + num_classes]
-    count_per_class = totals[2 + num_classes:]
+    loss, top5, top1_per_class = totals[0], totals[1], totals[2 : 2 + num_classes]
+    count_per_class = totals[2 + num_classes :]
     num_samples = int(round(count_per_class.sum()))
     denominator = max(num_samples, 1)
     return {
@@ -127,8 +136,10 @@ def evaluate(model, loader, batch_transform, num_classes, context, amp="none"):
 def worst_classes(metrics, class_names, count):
     """The `count` classes with the lowest top-1 (ties by class index), skipping classes without images."""
     scored = [(accuracy, index) for index, accuracy in enumerate(metrics["per_class"]) if accuracy is not None]
-    return [{"class": index, "name": class_names[index], "top1": accuracy,
-             "num_samples": metrics["per_class_count"][index]} for accuracy, index in sorted(scored)[:count]]
+    return [
+        {"class": index, "name": class_names[index], "top1": accuracy, "num_samples": metrics["per_class_count"][index]}
+        for accuracy, index in sorted(scored)[:count]
+    ]
 
 
 @paddle.no_grad()

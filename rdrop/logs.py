@@ -3,6 +3,7 @@
 Other ranks print warnings and errors only, prefixed with their rank, so a multi-GPU console reads
 like a single-GPU one.
 """
+
 import logging
 import os
 import sys
@@ -41,6 +42,7 @@ class MetricsWriter:
         self._writer = None
         if context.is_main:
             from visualdl import LogWriter
+
             self._writer = LogWriter(logdir=os.path.join(output_dir, VISUALDL_DIR))
 
     def scalars(self, prefix, values, step):
@@ -66,6 +68,8 @@ def format_duration(seconds):
 def progress_line(step, total_steps, values, img_per_s, eta_seconds):
     """One console line; `kl` is shown only when present (a run without R-Drop has none)."""
     kl = f"  kl {values['kl']:.4f}" if "kl" in values else ""
-    return (f"step {step}/{total_steps}  loss {values['loss']:.4f}  ce {values['ce']:.4f}{kl}  "
-            f"lr {values['lr']:.3e}  grad_norm {values['grad_norm']:.3f}  {img_per_s:.1f} img/s  "
-            f"eta {format_duration(eta_seconds)}")
+    return (
+        f"step {step}/{total_steps}  loss {values['loss']:.4f}  ce {values['ce']:.4f}{kl}  "
+        f"lr {values['lr']:.3e}  grad_norm {values['grad_norm']:.3f}  {img_per_s:.1f} img/s  "
+        f"eta {format_duration(eta_seconds)}"
+    )

@@ -25,6 +25,7 @@ Everything is computed in float32 from log-probabilities on both sides, using
 KL_sym = sum (P_a - P_b) * (log P_a - log P_b): finite for logits of any magnitude (no log of an
 underflowed softmax) and exactly 0 when a == b.
 """
+
 import paddle
 
 KL_REDUCTIONS = ("sum", "batchmean", "mean")

@@ -3,15 +3,19 @@
 Clipping is done here rather than by Paddle's `grad_clip=` so that the training loop gets the
 gradient norm as a tensor: it is logged, and a non-finite norm marks a step to skip.
 """
-import paddle
 
 from rdrop.schedule import WarmupDecay
+
+import paddle
 
 
 def _decayed_parameter_names(model):
     """AdamW decays matrices and kernels only: not biases, norms, the class token or position embedding."""
-    return {parameter.name for name, parameter in model.named_parameters()
-            if len(parameter.shape) >= 2 and name.split(".")[-1] not in ("cls_token", "pos_embed")}
+    return {
+        parameter.name
+        for name, parameter in model.named_parameters()
+        if len(parameter.shape) >= 2 and name.split(".")[-1] not in ("cls_token", "pos_embed")
+    }
 
 
 def build(optimizer_cfg, schedule_cfg, model):
@@ -20,13 +24,20 @@ def build(optimizer_cfg, schedule_cfg, model):
     parameters = model.parameters()
     if optimizer_cfg["name"] == "momentum":
         optimizer = paddle.optimizer.Momentum(
-            learning_rate=scheduler, momentum=optimizer_cfg["momentum"], parameters=parameters,
-            weight_decay=optimizer_cfg["weight_decay"] or None, use_multi_tensor=True)
+            learning_rate=scheduler,
+            momentum=optimizer_cfg["momentum"],
+            parameters=parameters,
+            weight_decay=optimizer_cfg["weight_decay"] or None,
+            use_multi_tensor=True,
+        )
     else:
         decayed = _decayed_parameter_names(model)
         optimizer = paddle.optimizer.AdamW(
-            learning_rate=scheduler, parameters=parameters, weight_decay=optimizer_cfg["weight_decay"],
-            apply_decay_param_fun=decayed.__contains__)
+            learning_rate=scheduler,
+            parameters=parameters,
+            weight_decay=optimizer_cfg["weight_decay"],
+            apply_decay_param_fun=decayed.__contains__,
+        )
     return optimizer, scheduler
 
 

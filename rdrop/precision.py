@@ -5,6 +5,7 @@ convolutions per op), so the optimizer update and the checkpoints are float32 wh
 fp16 needs dynamic loss scaling, bf16 does not. On CPU, Paddle's auto_cast and GradScaler do nothing,
 so the same code runs everywhere.
 """
+
 import contextlib
 
 import paddle
@@ -20,4 +21,4 @@ def autocast(amp):
 
 def loss_scaler(amp):
     """Dynamic loss scaling for fp16; a disabled scaler (a plain pass-through) otherwise."""
-    return paddle.amp.GradScaler(enable=amp == "fp16", init_loss_scaling=2.0 ** 15)
+    return paddle.amp.GradScaler(enable=amp == "fp16", init_loss_scaling=2.0**15)

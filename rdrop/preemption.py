@@ -5,6 +5,7 @@ with the other ranks that someone was signalled (a rank may get the signal a mom
 saves a checkpoint and exits 0. Repeated signals change nothing: Paddle's launcher sends SIGTERM to
 its workers several times during its 10-second grace period, and the checkpoint must still be written.
 """
+
 import signal
 
 

@@ -7,6 +7,7 @@ when its peer's connection resets, and the launcher then names whichever process
 
     python rank_watcher.py OWN_RANK OWN_PID RANK:PID [RANK:PID ...]
 """
+
 import os
 import select
 import sys
@@ -25,9 +26,11 @@ def main(own_rank, own_pid, siblings):
     if own in ready:
         return
     rank, pid = watched[ready[0]]
-    sys.stderr.write(f"error: rank {rank} (pid {pid}) exited while rank {own_rank} still needed it: the job "
-                     f"cannot continue. Look at rank {rank}'s log for why it ended, then restart the job with "
-                     f"-o train.resume=auto to continue from the last checkpoint.\n")
+    sys.stderr.write(
+        f"error: rank {rank} (pid {pid}) exited while rank {own_rank} still needed it: the job "
+        f"cannot continue. Look at rank {rank}'s log for why it ended, then restart the job with "
+        f"-o train.resume=auto to continue from the last checkpoint.\n"
+    )
     sys.stderr.flush()
 
 

@@ -17,6 +17,7 @@ Two more CPU-only settings, each measured on the ViT training step:
   CPU allocator frees every activation, and each fresh mmap costs page faults on first touch (an add
   over 6.4M floats: 16 ms -> 2.4 ms).
 """
+
 import ctypes
 import ctypes.util
 import logging

@@ -7,13 +7,14 @@ the update unless they are non-finite. Losses and the gradient norm stay on the 
 host read is one small tensor per step: whether the gradients were finite and whether any rank was
 asked to stop, which every rank must agree on before it decides what to do next.
 """
-import contextlib
 
-import paddle
+import contextlib
 
 from rdrop import distributed, optim, precision
 from rdrop.errors import UserError
 from rdrop.loss import RDropLoss, rdrop_logits
+
+import paddle
 
 LOSS_NAMES = ("loss", "ce", "kl")
 
@@ -22,9 +23,11 @@ def accumulation_steps(train_cfg, world_size):
     """Micro-batches per optimizer step on each of `world_size` processes."""
     per_step = train_cfg["micro_batch_size"] * world_size
     if train_cfg["global_batch_size"] % per_step:
-        raise UserError(f"train.global_batch_size ({train_cfg['global_batch_size']}) must be a multiple of "
-                        f"train.micro_batch_size x devices ({train_cfg['micro_batch_size']} x {world_size} = "
-                        f"{per_step}). Change one of them so the division is exact.")
+        raise UserError(
+            f"train.global_batch_size ({train_cfg['global_batch_size']}) must be a multiple of "
+            f"train.micro_batch_size x devices ({train_cfg['micro_batch_size']} x {world_size} = "
+            f"{per_step}). Change one of them so the division is exact."
+        )
     return train_cfg["global_batch_size"] // per_step
 
 
@@ -35,8 +38,10 @@ def compile_model(model, to_static):
     if not to_static:
         return model
     if model.recompute:
-        raise UserError("train.to_static and train.recompute cannot be combined: recomputation runs the "
-                        "blocks eagerly. Turn one of them off in the config.")
+        raise UserError(
+            "train.to_static and train.recompute cannot be combined: recomputation runs the "
+            "blocks eagerly. Turn one of them off in the config."
+        )
     return paddle.jit.to_static(model, full_graph=True)
 
 
@@ -64,8 +69,9 @@ class TrainStep:
             sync = contextlib.nullcontext() if last else distributed.no_sync(self.ddp_model, self.context)
             with sync, distributed.peers_expected(self.context):
                 with precision.autocast(self.amp):
-                    logits_a, logits_b = rdrop_logits(self.ddp_model, images, self.criterion.needs_two_samples,
-                                                      self.concat_batch)
+                    logits_a, logits_b = rdrop_logits(
+                        self.ddp_model, images, self.criterion.needs_two_samples, self.concat_batch
+                    )
                 micro_losses = self.criterion(logits_a, logits_b, labels)
                 self.scaler.scale(micro_losses["loss"] / self.accumulation).backward()
             for name in LOSS_NAMES:
@@ -74,8 +80,9 @@ class TrainStep:
         grad_norm = optim.global_grad_norm(self.parameters)
         if self.grad_clip is not None:
             optim.clip_grads_(self.parameters, grad_norm, self.grad_clip)
-        control = paddle.stack([(~paddle.isfinite(grad_norm)).astype("float32"),
-                                paddle.full([], float(stop_requested), dtype="float32")])
+        control = paddle.stack(
+            [(~paddle.isfinite(grad_norm)).astype("float32"), paddle.full([], float(stop_requested), dtype="float32")]
+        )
         nonfinite, stop = distributed.all_reduce_max(control, self.context).tolist()
         if not nonfinite or self.scaler.is_enable():
             self.scaler.step(self.optimizer)  # with fp16 the scaler skips a non-finite step and lowers its scale

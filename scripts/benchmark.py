@@ -36,6 +36,7 @@ frameworks see the same machine load. PyTorch is needed only for that, never by 
 
 Prints a table, then one JSON object (also written to --json).
 """
+
 import argparse
 import copy
 import json
@@ -48,14 +49,13 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-import rdrop  # noqa: E402,F401  (first: it quiets Paddle's import-time logging)
+from rdrop import config, distributed, optim, precision, runtime
+from rdrop.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error
+from rdrop.step import TrainStep, accumulation_steps, compile_model
 
-import paddle  # noqa: E402
+import paddle
 
-import models  # noqa: E402
-from rdrop import config, distributed, optim, precision, runtime  # noqa: E402
-from rdrop.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error  # noqa: E402
-from rdrop.step import TrainStep, accumulation_steps, compile_model  # noqa: E402
+import models
 
 # Dense peak TFLOP/s by GPU name: (bf16/fp16 tensor cores, TF32 tensor cores), from NVIDIA's data
 # sheets. The first entry whose words all occur in the device name wins.
@@ -74,19 +74,34 @@ MODES = ("rdrop", "plain", "eval")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: the config system's defaults, ViT-B/16 at 224 px)")
-    parser.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key; the value is parsed as YAML; repeatable")
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key; the value is parsed as YAML; repeatable",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps (or evaluation batches) per mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to measure")
-    parser.add_argument("--recompute", action="store_true",
-                        help="also measure the R-Drop step with train.recompute on, for its memory saving")
-    parser.add_argument("--torch-reference", metavar="PATH",
-                        help="also time this PyTorch reference script (R-Drop and plain), interleaved")
+    parser.add_argument(
+        "--recompute",
+        action="store_true",
+        help="also measure the R-Drop step with train.recompute on, for its memory saving",
+    )
+    parser.add_argument(
+        "--torch-reference",
+        metavar="PATH",
+        help="also time this PyTorch reference script (R-Drop and plain), interleaved",
+    )
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for the utilisation column")
     parser.add_argument("--json", help="also write the JSON result to this file")
-    parser.add_argument("--only", choices=(*MODES, "rdrop_recompute"),
-                        help="measure this one mode in this process and print its JSON (used per mode)")
+    parser.add_argument(
+        "--only",
+        choices=(*MODES, "rdrop_recompute"),
+        help="measure this one mode in this process and print its JSON (used per mode)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0")
@@ -105,8 +120,10 @@ def mode_config(cfg, mode, compare_recompute):
     if mode == "plain":
         cfg["rdrop"]["alpha"] = 0.0
     elif mode in ("rdrop", "rdrop_recompute") and cfg["rdrop"]["alpha"] == 0:
-        raise UserError("The rdrop mode measures R-Drop but rdrop.alpha is 0 in the config; set -o rdrop.alpha=0.3 "
-                        "(or measure only the other modes with --modes plain eval).")
+        raise UserError(
+            "The rdrop mode measures R-Drop but rdrop.alpha is 0 in the config; set -o rdrop.alpha=0.3 "
+            "(or measure only the other modes with --modes plain eval)."
+        )
     if compare_recompute:
         cfg["train"]["recompute"] = mode == "rdrop_recompute"
     return cfg
@@ -209,8 +226,16 @@ def default_peak_tflops(device_name, amp):
 
 def run_isolated(args, mode):
     """Measure `mode` in a child process running this script with --only; returns its dict."""
-    command = [sys.executable, os.path.abspath(__file__), "--only", mode, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--only",
+        mode,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     if args.config:
         command += ["--config", args.config]
     for override in args.override:
@@ -248,14 +273,25 @@ def torch_reference_arguments(cfg, steps, warmup):
     """The reference script's arguments for the config's model, batch and threads (alpha added per mode)."""
     model_cfg, train_cfg = cfg["model"], cfg["train"]
     if cfg["rdrop"]["kl_reduction"] != "sum" or train_cfg["global_batch_size"] != train_cfg["micro_batch_size"]:
-        raise UserError("--torch-reference compares one micro-batch with the KL summed over it, as the reference "
-                        "script computes: use rdrop.kl_reduction sum and equal train.global_batch_size and "
-                        "train.micro_batch_size (configs/cpu_comparison.yaml does).")
+        raise UserError(
+            "--torch-reference compares one micro-batch with the KL summed over it, as the reference "
+            "script computes: use rdrop.kl_reduction sum and equal train.global_batch_size and "
+            "train.micro_batch_size (configs/cpu_comparison.yaml does)."
+        )
     architecture = models.resolve_architecture(model_cfg)
-    return dict(img_size=model_cfg["img_size"], patch=architecture.patch_size, dim=architecture.embed_dim,
-                depth=architecture.depth, heads=architecture.num_heads, mlp=architecture.mlp_dim,
-                classes=model_cfg["num_classes"], batch=train_cfg["micro_batch_size"], steps=steps, warmup=warmup,
-                threads=train_cfg["cpu_threads"] or 0)
+    return dict(
+        img_size=model_cfg["img_size"],
+        patch=architecture.patch_size,
+        dim=architecture.embed_dim,
+        depth=architecture.depth,
+        heads=architecture.num_heads,
+        mlp=architecture.mlp_dim,
+        classes=model_cfg["num_classes"],
+        batch=train_cfg["micro_batch_size"],
+        steps=steps,
+        warmup=warmup,
+        threads=train_cfg["cpu_threads"] or 0,
+    )
 
 
 def run_torch_reference(path, arguments, alpha):
@@ -263,35 +299,49 @@ def run_torch_reference(path, arguments, alpha):
     options = [f"--{name.replace('_', '-')}={value}" for name, value in dict(arguments, alpha=alpha).items()]
     result = subprocess.run([sys.executable, path, *options], capture_output=True, text=True)
     if result.returncode != 0:
-        raise UserError(f"The PyTorch reference {path} failed (exit code {result.returncode}); is torch installed? "
-                        f"Its last output: {result.stderr.strip()[-1000:]}")
+        raise UserError(
+            f"The PyTorch reference {path} failed (exit code {result.returncode}); is torch installed? "
+            f"Its last output: {result.stderr.strip()[-1000:]}"
+        )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def print_table(result):
-    print(f"device {result['device']}, Paddle {result['paddle_version']}, amp {result['amp']}, "
-          f"{'static program' if result['to_static'] else 'eager'}, peak {result['peak_tflops'] or '-'} TFLOP/s; "
-          f"{result['steps']} timed steps after {result['warmup']} (s/step: mean; min beside it)")
-    print(f"{'mode':16s} {'img/s':>9s} {'s/step':>9s} {'min s':>8s} {'peak MiB':>9s} {'fwd GFLOP/img':>14s} "
-          f"{'TFLOP/s':>9s} {'util':>7s} {'load avg':>9s}")
+    print(
+        f"device {result['device']}, Paddle {result['paddle_version']}, amp {result['amp']}, "
+        f"{'static program' if result['to_static'] else 'eager'}, peak {result['peak_tflops'] or '-'} TFLOP/s; "
+        f"{result['steps']} timed steps after {result['warmup']} (s/step: mean; min beside it)"
+    )
+    print(
+        f"{'mode':16s} {'img/s':>9s} {'s/step':>9s} {'min s':>8s} {'peak MiB':>9s} {'fwd GFLOP/img':>14s} "
+        f"{'TFLOP/s':>9s} {'util':>7s} {'load avg':>9s}"
+    )
     for mode, row in result["modes"].items():
         utilisation = f"{100 * row['utilisation']:6.1f}%" if row["utilisation"] is not None else "      -"
         load = f"{row['load_average_before'][0]:.1f}-{row['load_average_after'][0]:.1f}"
-        print(f"{mode:16s} {row['img_per_s']:9.2f} {row['step_time_s']:9.3f} {row['step_time_min_s']:8.3f} "
-              f"{row['peak_memory_bytes'] / 2**20:9.0f} {row['forward_flops_per_image'] / 1e9:14.3f} "
-              f"{row['achieved_tflops']:9.4f} {utilisation} {load:>9s}")
+        print(
+            f"{mode:16s} {row['img_per_s']:9.2f} {row['step_time_s']:9.3f} {row['step_time_min_s']:8.3f} "
+            f"{row['peak_memory_bytes'] / 2**20:9.0f} {row['forward_flops_per_image'] / 1e9:14.3f} "
+            f"{row['achieved_tflops']:9.4f} {utilisation} {load:>9s}"
+        )
     for mode, row in result.get("torch_reference", {}).items():
-        print(f"{'torch ' + mode:16s} {row['img_per_s']:9.2f} {row['step_time_s']:9.3f}   "
-              f"(PyTorch {row['version']}, {row['threads']} threads)")
+        print(
+            f"{'torch ' + mode:16s} {row['img_per_s']:9.2f} {row['step_time_s']:9.3f}   "
+            f"(PyTorch {row['version']}, {row['threads']} threads)"
+        )
     if result.get("rdrop_over_plain_step_time"):
-        print(f"R-Drop step / plain step: {result['rdrop_over_plain_step_time']:.2f} "
-              f"(the R-Drop step runs the model on twice the images)")
+        print(
+            f"R-Drop step / plain step: {result['rdrop_over_plain_step_time']:.2f} "
+            f"(the R-Drop step runs the model on twice the images)"
+        )
     for mode, ratio in result.get("paddle_over_torch_img_per_s", {}).items():
         print(f"{mode}: img/s of this repository / of the PyTorch reference: {ratio:.2f}")
     if result.get("recompute_memory_saved_bytes") is not None:
-        print(f"train.recompute saves {result['recompute_memory_saved_bytes'] / 2**20:.0f} MiB of peak memory "
-              f"({100 * result['recompute_memory_saved_fraction']:.0f}%) and costs "
-              f"{result['recompute_step_time_ratio']:.2f}x the step time")
+        print(
+            f"train.recompute saves {result['recompute_memory_saved_bytes'] / 2**20:.0f} MiB of peak memory "
+            f"({100 * result['recompute_memory_saved_fraction']:.0f}%) and costs "
+            f"{result['recompute_step_time_ratio']:.2f}x the step time"
+        )
 
 
 @exit_on_user_error
@@ -328,8 +378,9 @@ def main(argv=None):
     }
     if torch_rows:
         result["torch_reference"] = torch_rows
-        result["paddle_over_torch_img_per_s"] = {mode: rows[mode]["img_per_s"] / row["img_per_s"]
-                                                 for mode, row in torch_rows.items()}
+        result["paddle_over_torch_img_per_s"] = {
+            mode: rows[mode]["img_per_s"] / row["img_per_s"] for mode, row in torch_rows.items()
+        }
     if "rdrop" in rows and "plain" in rows:
         result["rdrop_over_plain_step_time"] = rows["rdrop"]["step_time_s"] / rows["plain"]["step_time_s"]
     if "rdrop" in rows and "rdrop_recompute" in rows:

@@ -13,6 +13,7 @@ Images are random CIFAR-sized uint8 arrays, so no dataset is needed.
 Every figure is the best of --repeats rounds: on a shared machine the minimum is the most
 reproducible estimate of the cost itself. Prints a table and, last, one JSON object.
 """
+
 import argparse
 import dataclasses
 import json
@@ -22,18 +23,19 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import paddle  # noqa: E402
-from paddle.io.dataloader.collate import default_collate_fn  # noqa: E402
-from paddle.vision import transforms as paddle_transforms  # noqa: E402
-from PIL import Image  # noqa: E402
+from rdrop import config, runtime
+from rdrop.errors import exit_on_user_error
 
-from data.device_transform import resize_batch, resized_crop_batch  # noqa: E402
-from data.image_set import ImageSet  # noqa: E402
-from data.samples import EvalSamples, TrainSamples  # noqa: E402
-from data.settings import InputSettings  # noqa: E402
-from rdrop import config, runtime  # noqa: E402
-from rdrop.errors import exit_on_user_error  # noqa: E402
+import numpy as np
+import paddle
+from paddle.io.dataloader.collate import default_collate_fn
+from paddle.vision import transforms as paddle_transforms
+from PIL import Image
+
+from data.device_transform import resize_batch, resized_crop_batch
+from data.image_set import ImageSet
+from data.samples import EvalSamples, TrainSamples
+from data.settings import InputSettings
 
 # An H100 trains ViT-B/16 under R-Drop (two forward passes) at about this many images per second.
 GPU_IMAGES_PER_SECOND = 3000
@@ -158,21 +160,30 @@ def print_table(result):
         ("host path: crop+resize+normalise+collate (train)", "host_train_us_per_image", "host_bytes_per_image"),
         ("host path: resize+normalise+collate (eval)", "host_eval_us_per_image", "host_bytes_per_image"),
         ("Paddle transforms: RandomResizedCrop+ToTensor+Normalize", "paddle_transforms_us_per_image", None),
-        ("device path, host part: gather uint8 + crop box + collate", "device_path_host_us_per_image",
-         "device_path_bytes_per_image"),
+        (
+            "device path, host part: gather uint8 + crop box + collate",
+            "device_path_host_us_per_image",
+            "device_path_bytes_per_image",
+        ),
     ]
-    print(f"img_size {result['img_size']}, micro-batch {result['batch_size']}, device {result['device']}, "
-          f"{result['cpu_threads']} CPU math thread(s)")
-    print(f"{'host work per image':60s} {'us/image':>10s} {'bytes/image':>12s} "
-          f"{'cores at ' + str(GPU_IMAGES_PER_SECOND) + ' img/s':>18s}")
+    print(
+        f"img_size {result['img_size']}, micro-batch {result['batch_size']}, device {result['device']}, "
+        f"{result['cpu_threads']} CPU math thread(s)"
+    )
+    print(
+        f"{'host work per image':60s} {'us/image':>10s} {'bytes/image':>12s} "
+        f"{'cores at ' + str(GPU_IMAGES_PER_SECOND) + ' img/s':>18s}"
+    )
     for label, cost_key, bytes_key in per_image_rows:
         cost = result[cost_key]
         shipped = f"{result[bytes_key]:,}" if bytes_key else "-"
         cores = cost * 1e-6 * GPU_IMAGES_PER_SECOND
         print(f"{label:60s} {cost:10.1f} {shipped:>12s} {cores:18.2f}")
     print(f"{'device work per micro-batch':60s} {'ms/batch':>10s} {'images/s':>12s}")
-    for label, key in (("device: crop+resize+normalise (train)", "device_train_ms_per_batch"),
-                       ("device: resize+normalise (eval)", "device_eval_ms_per_batch")):
+    for label, key in (
+        ("device: crop+resize+normalise (train)", "device_train_ms_per_batch"),
+        ("device: resize+normalise (eval)", "device_eval_ms_per_batch"),
+    ):
         milliseconds = result[key]
         print(f"{label:60s} {milliseconds:10.2f} {result['batch_size'] / milliseconds * 1e3:12.0f}")
 

@@ -16,6 +16,7 @@ After saving, the model is loaded back with `paddle.jit.load` and must reproduce
 model's logits on a random batch to within 1e-4, or the export fails. Weights are loaded as strictly
 as by eval.py, and without --config the config.yaml of the checkpoint's run is used.
 """
+
 import argparse
 import json
 import logging
@@ -24,17 +25,16 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-import rdrop  # noqa: E402,F401  (first: it quiets Paddle's import-time logging)
+from rdrop import config, distributed, evaluation, logs, runtime
+from rdrop.errors import UserError, exit_on_user_error
 
-import numpy as np  # noqa: E402
-import paddle  # noqa: E402
-from paddle.static import InputSpec  # noqa: E402
+import numpy as np
+import paddle
+from paddle.static import InputSpec
 
-import data  # noqa: E402
-import models  # noqa: E402
-from data import transforms  # noqa: E402
-from rdrop import config, distributed, evaluation, logs, runtime  # noqa: E402
-from rdrop.errors import UserError, exit_on_user_error  # noqa: E402
+import data
+import models
+from data import transforms
 
 logger = logging.getLogger("export")
 
@@ -52,8 +52,14 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, .pdparams or Google .npz")
     parser.add_argument("--config", help="YAML config; default: the config.yaml of the checkpoint's run")
     parser.add_argument("--output", required=True, help="folder to write the inference model into")
-    parser.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key; the value is parsed as YAML; repeatable")
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key; the value is parsed as YAML; repeatable",
+    )
     return parser.parse_args(argv)
 
 
@@ -115,8 +121,9 @@ def main(argv=None):
     try:
         os.makedirs(args.output, exist_ok=True)
     except OSError as error:
-        raise UserError(f"Cannot create the --output folder '{args.output}' ({error.strerror}). Choose a "
-                        f"writable folder.") from None
+        raise UserError(
+            f"Cannot create the --output folder '{args.output}' ({error.strerror}). Choose a writable folder."
+        ) from None
     prefix = os.path.join(args.output, MODEL_PREFIX)
     size = cfg["model"]["img_size"]
     batch = check_batch(size)
@@ -126,15 +133,23 @@ def main(argv=None):
     program = program_file(args.output)
     difference = float(np.max(np.abs(reloaded_logits(prefix, batch) - expected)))
     if not difference <= TOLERANCE:
-        raise UserError(f"The exported model in '{args.output}' does not reproduce the trained model: its logits "
-                        f"differ by up to {difference:.3g} (> {TOLERANCE}) on a random batch, so it must not be "
-                        f"used. Report this with your Paddle version ({paddle.__version__}).")
+        raise UserError(
+            f"The exported model in '{args.output}' does not reproduce the trained model: its logits "
+            f"differ by up to {difference:.3g} (> {TOLERANCE}) on a random batch, so it must not be "
+            f"used. Report this with your Paddle version ({paddle.__version__})."
+        )
     metadata = export_metadata(cfg, class_names, args.checkpoint, config_path, program)
     with open(os.path.join(args.output, METADATA_FILE), "w", encoding="utf-8") as stream:
         json.dump(metadata, stream, indent=2)
-    logger.info("Exported %s to %s (%s, %s, %s); reloaded logits match the dynamic model's to %.2e",
-                args.checkpoint, args.output, os.path.basename(program), metadata["params_file"], METADATA_FILE,
-                difference)
+    logger.info(
+        "Exported %s to %s (%s, %s, %s); reloaded logits match the dynamic model's to %.2e",
+        args.checkpoint,
+        args.output,
+        os.path.basename(program),
+        metadata["params_file"],
+        METADATA_FILE,
+        difference,
+    )
     return {"output": args.output, "program": program, "max_abs_difference": difference}
 
 

@@ -8,6 +8,7 @@ run folder's name. A resumed run has one VisualDL file per session; they are mer
 session's value winning where both logged the same step. A run without one of the tags is drawn
 without that curve (and a note is logged); a folder without VisualDL logs is an error.
 """
+
 import argparse
 import glob
 import logging
@@ -17,22 +18,24 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 
-import matplotlib.pyplot as plt  # noqa: E402
-from visualdl import LogReader  # noqa: E402
+from rdrop import distributed, logs
+from rdrop.errors import UserError, exit_on_user_error
 
-from rdrop import distributed, logs  # noqa: E402
-from rdrop.errors import UserError, exit_on_user_error  # noqa: E402
+import matplotlib.pyplot as plt
+from visualdl import LogReader
 
 logger = logging.getLogger("plot_curves")
 
 VISUALDL_DIR = "vdl"  # where train.py's rdrop.logs.MetricsWriter writes
-PANELS = (("train/loss", "training loss (CE + alpha KL)"),
-          ("train/kl", "symmetric KL between the two dropout passes"),
-          ("eval/top1", "evaluation top-1 (%)"))
+PANELS = (
+    ("train/loss", "training loss (CE + alpha KL)"),
+    ("train/kl", "symmetric KL between the two dropout passes"),
+    ("eval/top1", "evaluation top-1 (%)"),
+)
 
 
 def parse_args(argv=None):
@@ -45,8 +48,10 @@ def parse_args(argv=None):
 def visualdl_files(run_dir):
     files = sorted(glob.glob(os.path.join(run_dir, VISUALDL_DIR, "vdlrecords.*.log")), key=_written_at)
     if not files:
-        raise UserError(f"'{run_dir}' holds no VisualDL logs ({os.path.join(run_dir, VISUALDL_DIR)}/vdlrecords.*.log "
-                        f"is missing). Pass the train.output_dir of a training run.")
+        raise UserError(
+            f"'{run_dir}' holds no VisualDL logs ({os.path.join(run_dir, VISUALDL_DIR)}/vdlrecords.*.log "
+            f"is missing). Pass the train.output_dir of a training run."
+        )
     return files
 
 
@@ -67,17 +72,22 @@ def read_scalars(files, tags):
                 if tag in present:
                     merged[tag].update((record.id, record.value) for record in reader.get_data("scalar", tag))
         except Exception as error:  # VisualDL's protobuf reader raises many types on a damaged file
-            raise UserError(f"Cannot read the VisualDL log '{path}' ({type(error).__name__}: {error}). The file "
-                            f"is damaged; move it out of the vdl folder to plot the others.") from None
-    return {tag: (sorted(points), [points[step] for step in sorted(points)]) for tag, points in merged.items()
-            if points}
+            raise UserError(
+                f"Cannot read the VisualDL log '{path}' ({type(error).__name__}: {error}). The file "
+                f"is damaged; move it out of the vdl folder to plot the others."
+            ) from None
+    return {
+        tag: (sorted(points), [points[step] for step in sorted(points)]) for tag, points in merged.items() if points
+    }
 
 
 def run_labels(run_dirs):
     """Each run's folder name, or its last two path parts where folder names repeat."""
     names = [os.path.basename(os.path.normpath(run)) for run in run_dirs]
-    return [os.path.join(*pathlib.Path(os.path.abspath(run)).parts[-2:]) if names.count(name) > 1 else name
-            for run, name in zip(run_dirs, names)]
+    return [
+        os.path.join(*pathlib.Path(os.path.abspath(run)).parts[-2:]) if names.count(name) > 1 else name
+        for run, name in zip(run_dirs, names)
+    ]
 
 
 def plot(runs, output):
@@ -103,8 +113,9 @@ def plot(runs, output):
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         figure.savefig(output, dpi=120)
     except OSError as error:
-        raise UserError(f"Cannot write the figure to --output '{output}' ({error.strerror or error}). Choose a "
-                        f"writable path.") from None
+        raise UserError(
+            f"Cannot write the figure to --output '{output}' ({error.strerror or error}). Choose a writable path."
+        ) from None
     finally:
         plt.close(figure)
     return drawn

@@ -10,6 +10,7 @@ evaluation, the whole image is resized to a square (no centre crop), and there i
 when shrinking: the model was fine-tuned on 32 x 32 CIFAR images enlarged to img_size, so photos
 far larger than that are a different input distribution.
 """
+
 import argparse
 import json
 import os
@@ -17,15 +18,14 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-import rdrop  # noqa: E402,F401  (first: it quiets Paddle's import-time logging)
+from rdrop import runtime
+from rdrop.errors import UserError, exit_on_user_error
 
-import numpy as np  # noqa: E402
-import paddle  # noqa: E402
-from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
+import numpy as np
+import paddle
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data import transforms  # noqa: E402
-from rdrop import runtime  # noqa: E402
-from rdrop.errors import UserError, exit_on_user_error  # noqa: E402
+from data import transforms
 
 METADATA_FILE = "metadata.json"  # written by scripts/export.py
 BATCH_SIZE = 32
@@ -49,22 +49,30 @@ def read_metadata(model_dir):
         img_size, class_names = int(metadata["img_size"]), list(metadata["class_names"])
         normalisation = (metadata["mean"], metadata["std"], metadata["pixel_scale"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"'{model_dir}' is not a model exported by scripts/export.py: {path} is missing or "
-                        f"incomplete ({type(error).__name__}: {error}). Export one with python "
-                        f"scripts/export.py --checkpoint ... --output {model_dir}.") from None
+        raise UserError(
+            f"'{model_dir}' is not a model exported by scripts/export.py: {path} is missing or "
+            f"incomplete ({type(error).__name__}: {error}). Export one with python "
+            f"scripts/export.py --checkpoint ... --output {model_dir}."
+        ) from None
     for file in (program, params):
         if not os.path.isfile(file):
-            raise UserError(f"The exported model in '{model_dir}' is incomplete: {file} is missing. Export it "
-                            f"again with scripts/export.py.")
+            raise UserError(
+                f"The exported model in '{model_dir}' is incomplete: {file} is missing. Export it "
+                f"again with scripts/export.py."
+            )
     # The pixels are prepared by data.transforms below; a model exported with another normalisation
     # would silently get wrong inputs.
     expected = ([transforms.MEAN] * 3, [transforms.STD] * 3, 255.0)
-    if not np.allclose(np.concatenate([np.ravel(part) for part in normalisation]),
-                       np.concatenate([np.ravel(part) for part in expected])):
-        raise UserError(f"The model in '{model_dir}' expects mean {normalisation[0]}, std {normalisation[1]} on "
-                        f"pixels / {normalisation[2]}, but this version of predict.py prepares mean "
-                        f"{expected[0]}, std {expected[1]} on pixels / {expected[2]}. Use the predict.py of the "
-                        f"version that exported it, or export it again.")
+    if not np.allclose(
+        np.concatenate([np.ravel(part) for part in normalisation]),
+        np.concatenate([np.ravel(part) for part in expected]),
+    ):
+        raise UserError(
+            f"The model in '{model_dir}' expects mean {normalisation[0]}, std {normalisation[1]} on "
+            f"pixels / {normalisation[2]}, but this version of predict.py prepares mean "
+            f"{expected[0]}, std {expected[1]} on pixels / {expected[2]}. Use the predict.py of the "
+            f"version that exported it, or export it again."
+        )
     return os.path.splitext(program)[0], img_size, class_names
 
 
@@ -74,8 +82,9 @@ def preprocess(path, img_size):
         with Image.open(path) as image:
             rgb = ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise UserError(f"Cannot read '{path}' as an image ({type(error).__name__}: {error}). Pass PNG or JPEG "
-                        f"files.") from None
+        raise UserError(
+            f"Cannot read '{path}' as an image ({type(error).__name__}: {error}). Pass PNG or JPEG files."
+        ) from None
     pixels = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)  # HWC -> CHW, as the datasets store images
     return transforms.resized_crop(pixels, transforms.whole_image_box(*pixels.shape[1:]), img_size)
 
@@ -93,7 +102,7 @@ def predict(model_dir, image_paths, top=5):
     model.eval()
     results = []
     for start in range(0, len(image_paths), BATCH_SIZE):
-        paths = image_paths[start:start + BATCH_SIZE]
+        paths = image_paths[start : start + BATCH_SIZE]
         batch = np.stack([preprocess(path, img_size) for path in paths])
         with paddle.no_grad():
             probabilities = softmax(model(paddle.to_tensor(batch)).numpy().astype(np.float64))

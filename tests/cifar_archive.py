@@ -7,6 +7,7 @@ holds `b'fine_label_names'` and `b'coarse_label_names'`. The content is a pure f
 (num_train, num_test, seed, num_classes), so tests can compare what the data package returns with
 `cifar100_arrays(...)`. Keyword knobs produce the broken archives the error-path tests need.
 """
+
 import io
 import pickle
 import tarfile

@@ -1,4 +1,5 @@
 """Shared helpers for the data-package tests: config dicts and mapping images back to indices."""
+
 import numpy as np
 
 

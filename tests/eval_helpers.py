@@ -4,14 +4,16 @@
 folder), with weights chosen by the test, so that predictions are either known in closed form
 (`fixed_class_weights`) or generic and free of ties (`random_weights`).
 """
+
 import shutil
+
+from rdrop import checkpoint, config
 
 import numpy as np
 import paddle
+from run_helpers import tiny_config
 
 import models
-from rdrop import checkpoint, config
-from run_helpers import tiny_config
 
 CHECKPOINT_STEP = 3
 
@@ -29,6 +31,7 @@ def random_weights(seed=0, scale=0.5):
 
 def fixed_class_weights(head_bias):
     """All weights zero except the head bias: every image's logits are exactly `head_bias`."""
+
     def fill(state):
         for name, value in state.items():
             state[name] = np.zeros(value.shape, dtype=np.float32)

@@ -1,14 +1,15 @@
 """Helpers for the tests that run train.py and eval.py: tiny configs, launching, comparing weights."""
+
 import importlib.util
 import os
 import subprocess
 import sys
 
+from rdrop import checkpoint
+
 import numpy as np
 import paddle
 import yaml
-
-from rdrop import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,14 +24,30 @@ def load_script(name):
 
 def tiny_config(tmp_path, archive, name="run", **sections):
     cfg = {
-        "model": {"name": "vit", "img_size": 16, "num_classes": 100, "patch_size": 4, "embed_dim": 16,
-                  "depth": 2, "num_heads": 2, "mlp_dim": 32, "dropout": 0.1},
+        "model": {
+            "name": "vit",
+            "img_size": 16,
+            "num_classes": 100,
+            "patch_size": 4,
+            "embed_dim": 16,
+            "depth": 2,
+            "num_heads": 2,
+            "mlp_dim": 32,
+            "dropout": 0.1,
+        },
         "rdrop": {"alpha": 0.3, "kl_reduction": "sum"},
         "data": {"dataset": "cifar100", "data_file": str(archive), "download": False, "num_workers": 0},
         "optimizer": {"name": "momentum", "lr": 0.05, "grad_clip": 1.0},
         "schedule": {"name": "warmup_cosine", "warmup_steps": 2, "total_steps": 6},
-        "train": {"global_batch_size": 8, "micro_batch_size": 4, "eval_every": 3, "save_every": 3,
-                  "log_every": 2, "output_dir": str(tmp_path / name), "cpu_threads": 1},
+        "train": {
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "eval_every": 3,
+            "save_every": 3,
+            "log_every": 2,
+            "output_dir": str(tmp_path / name),
+            "cpu_threads": 1,
+        },
         "eval": {"batch_size": 16},
     }
     for section, values in sections.items():
@@ -52,11 +69,20 @@ def assert_same_weights(a, b, atol=0.0):
 
 
 def launch_command(args, log_dir, processes=2, script="train.py"):
-    return [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(processes),
-            "--log_dir", str(log_dir), script] + args
+    return [
+        sys.executable,
+        "-m",
+        "paddle.distributed.launch",
+        "--nproc_per_node",
+        str(processes),
+        "--log_dir",
+        str(log_dir),
+        script,
+    ] + args
 
 
 def launch(args, log_dir, processes=2, script="train.py", timeout=600):
     """Run `script` under Paddle's launcher on CPU processes and wait for it."""
-    return subprocess.run(launch_command(args, log_dir, processes, script), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        launch_command(args, log_dir, processes, script), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )

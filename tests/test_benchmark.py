@@ -1,5 +1,6 @@
 """scripts/benchmark.py end to end on a tiny model: its JSON is consistent with its own timings, it
 runs the comparison script with the config's sizes, and it refuses what it cannot measure."""
+
 import json
 import pathlib
 import subprocess
@@ -7,14 +8,22 @@ import sys
 
 import pytest
 import yaml
-
 from run_helpers import ROOT as ROOT_PATH
 
 ROOT = pathlib.Path(ROOT_PATH)
 
 TINY = {
-    "model": {"name": "vit", "img_size": 16, "num_classes": 10, "patch_size": 4, "embed_dim": 16, "depth": 2,
-              "num_heads": 2, "mlp_dim": 32, "dropout": 0.1},
+    "model": {
+        "name": "vit",
+        "img_size": 16,
+        "num_classes": 10,
+        "patch_size": 4,
+        "embed_dim": 16,
+        "depth": 2,
+        "num_heads": 2,
+        "mlp_dim": 32,
+        "dropout": 0.1,
+    },
     "rdrop": {"alpha": 0.3, "kl_reduction": "sum"},
     "optimizer": {"name": "momentum", "lr": 0.01, "grad_clip": 1.0},
     "train": {"global_batch_size": 4, "micro_batch_size": 4, "cpu_threads": 1},
@@ -33,8 +42,19 @@ print(json.dumps({"framework": "fake", "version": "0", "threads": int(arguments[
 def run_benchmark(tmp_path, *arguments, config=TINY):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
-    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", str(path), "--steps", "2",
-               "--warmup", "1", "--json", str(tmp_path / "out.json"), *arguments]
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "benchmark.py"),
+        "--config",
+        str(path),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(tmp_path / "out.json"),
+        *arguments,
+    ]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
 
 
@@ -46,21 +66,36 @@ def test_benchmark_reports_consistent_numbers_and_runs_the_reference_with_the_co
     assert completed.returncode == 0, completed.stderr
     result = json.loads((tmp_path / "out.json").read_text())
     assert set(result["modes"]) == {"rdrop", "plain", "eval", "rdrop_recompute"}
-    for mode, row in result["modes"].items():
+    for row in result["modes"].values():
         assert len(row["step_times_s"]) == 2
         assert row["step_time_s"] == pytest.approx(sum(row["step_times_s"]) / 2)
         assert row["img_per_s"] == pytest.approx(4 / row["step_time_s"])  # 4 distinct images per step or batch
         assert row["peak_memory_bytes"] > 0
     rows = result["modes"]
-    assert result["rdrop_over_plain_step_time"] == pytest.approx(rows["rdrop"]["step_time_s"] /
-                                                                 rows["plain"]["step_time_s"])
-    assert rows["rdrop"]["flops_per_image"] == 2 * rows["plain"]["flops_per_image"] == 6 * rows["eval"]["flops_per_image"]
-    assert result["recompute_memory_saved_bytes"] == (rows["rdrop"]["peak_memory_bytes"] -
-                                                      rows["rdrop_recompute"]["peak_memory_bytes"])
+    assert result["rdrop_over_plain_step_time"] == pytest.approx(
+        rows["rdrop"]["step_time_s"] / rows["plain"]["step_time_s"]
+    )
+    assert (
+        rows["rdrop"]["flops_per_image"] == 2 * rows["plain"]["flops_per_image"] == 6 * rows["eval"]["flops_per_image"]
+    )
+    assert result["recompute_memory_saved_bytes"] == (
+        rows["rdrop"]["peak_memory_bytes"] - rows["rdrop_recompute"]["peak_memory_bytes"]
+    )
 
     torch_rows = result["torch_reference"]
-    expected = {"img-size": "16", "patch": "4", "dim": "16", "depth": "2", "heads": "2", "mlp": "32",
-                "classes": "10", "batch": "4", "steps": "2", "warmup": "1", "threads": "1"}
+    expected = {
+        "img-size": "16",
+        "patch": "4",
+        "dim": "16",
+        "depth": "2",
+        "heads": "2",
+        "mlp": "32",
+        "classes": "10",
+        "batch": "4",
+        "steps": "2",
+        "warmup": "1",
+        "threads": "1",
+    }
     for mode, alpha in (("rdrop", 0.3), ("plain", 0.0)):
         assert torch_rows[mode]["arguments"] == dict(expected, alpha=str(alpha))
         assert result["paddle_over_torch_img_per_s"][mode] == pytest.approx(rows[mode]["img_per_s"] / 2.0)

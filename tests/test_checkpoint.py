@@ -1,16 +1,17 @@
 """Checkpoints: atomic writes, pruning, resume resolution, strict restores and the output-folder guard."""
+
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+from rdrop import checkpoint
+from rdrop.errors import UserError
+
 import numpy as np
 import paddle
 import pytest
-
-from rdrop import checkpoint
-from rdrop.errors import UserError
 
 
 def small_states(value):
@@ -95,10 +96,13 @@ def test_best_weights_are_replaced_atomically(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["best.json", "best.pdparams"]
 
 
-@pytest.mark.parametrize("breakage, expected", [
-    ("missing_state", "trainer_state.json' is missing"),
-    ("corrupt_model", "model.pdparams' cannot be read"),
-])
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        ("missing_state", "trainer_state.json' is missing"),
+        ("corrupt_model", "model.pdparams' cannot be read"),
+    ],
+)
 def test_broken_checkpoints_are_user_errors(tmp_path, breakage, expected):
     path = checkpoint.save(str(tmp_path), 3, *small_states(3), {}, keep=1)
     if breakage == "missing_state":

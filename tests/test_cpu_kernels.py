@@ -2,6 +2,7 @@
 Linear's bias gradient): the functions and gradients they compute, checked against float64 NumPy
 written here (gradients by central differences), the dropout mask's statistics, independence from the
 thread count, and the fallback to Paddle's kernels."""
+
 import logging
 import math
 
@@ -9,10 +10,10 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
+from vit_reference import tiny_model_cfg
 
 import models
 from models import cpu_kernels, layers
-from vit_reference import tiny_model_cfg
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,8 +103,9 @@ def test_linear_with_matvec_bias_gradient_matches_the_affine_map():
     out, x_grad = run_layer(layer, x, upstream)
     np.testing.assert_allclose(out, x @ w + b, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(x_grad, upstream @ w.T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layer.weight.grad.numpy(), x.reshape(-1, 4).T @ upstream.reshape(-1, 6), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        layer.weight.grad.numpy(), x.reshape(-1, 4).T @ upstream.reshape(-1, 6), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(layer.bias.grad.numpy(), upstream.sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
 
 
@@ -156,8 +158,12 @@ def test_kernel_results_do_not_depend_on_the_thread_count():
         paddle.base.core.set_num_threads(threads)
         paddle.seed(9)
         norm = layers.LayerNorm(64)
-        outputs = [run_layer(norm, x, upstream), run_layer(layers.GELU(), x, upstream),
-                   run_layer(layers.Dropout(0.2), x, upstream), (norm.weight.grad.numpy(), norm.bias.grad.numpy())]
+        outputs = [
+            run_layer(norm, x, upstream),
+            run_layer(layers.GELU(), x, upstream),
+            run_layer(layers.Dropout(0.2), x, upstream),
+            (norm.weight.grad.numpy(), norm.bias.grad.numpy()),
+        ]
         results.append([array for pair in outputs for array in pair])
     paddle.base.core.set_num_threads(1)
     for other in results[1:]:

@@ -1,5 +1,6 @@
 """The data package end to end on tiny CIFAR-100 archives and on digits: what the loaders yield,
 sharding, epoch order, exact resume, the validation split."""
+
 import itertools
 import multiprocessing
 
@@ -7,11 +8,11 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
+from cifar_archive import cifar100_arrays, fine_label_names, write_cifar100_archive
+from data_helpers import index_lookup, indices_of, make_cfg
 
 import data
 from data.splits import load_split, validation_indices
-from cifar_archive import cifar100_arrays, fine_label_names, write_cifar100_archive
-from data_helpers import index_lookup, indices_of, make_cfg
 
 NUM_CLASSES = 10
 
@@ -223,7 +224,6 @@ def eval_indices(cfg, split, rank, world_size, lookup):
     """The indices, in order, of the images one rank's eval loader yields (device path: uint8)."""
     loader = data.build_eval_loader(cfg, split, rank, world_size)
     return [index for pixels, _ in loader for index in indices_of(pixels.numpy(), lookup)]
-
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

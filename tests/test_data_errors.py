@@ -1,13 +1,15 @@
 """Every way a user can hand the data package bad input ends in one UserError naming the culprit."""
+
 import os
+
+from rdrop.errors import UserError
 
 import paddle.dataset.common
 import pytest
-
-import data
 from cifar_archive import write_cifar100_archive
 from data_helpers import make_cfg
-from rdrop.errors import UserError
+
+import data
 
 
 def build_everything(cfg):

@@ -1,5 +1,6 @@
 """Crop sampling and resampling: the host transforms, the device-side batch transform, and their
 agreement with each other, with Paddle's RandomResizedCrop and with plain bilinear resize."""
+
 import itertools
 import math
 import random
@@ -8,13 +9,13 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
+from cifar_archive import write_cifar100_archive
+from data_helpers import make_cfg
 from paddle.vision.transforms import RandomResizedCrop
 
 import data
-from cifar_archive import write_cifar100_archive
 from data.device_transform import resize_batch, resized_crop_batch
 from data.transforms import CropBox, resized_crop, sample_crop_box, whole_image_box
-from data_helpers import make_cfg
 
 DRAWS = 4000
 # Two-sample Kolmogorov-Smirnov critical value at significance 0.001 for n = m = DRAWS:

@@ -1,19 +1,21 @@
 """eval.py on generated archives: hand-checkable metrics, the run-config discovery, strict weights,
 dropout consistency, and exact counting over 2 and 3 processes."""
+
 import json
+
+from rdrop import evaluation
+from rdrop.distributed import Context
 
 import numpy as np
 import paddle
 import pytest
+from cifar_archive import cifar100_arrays, fine_label_names, write_cifar100_archive
+from eval_helpers import CHECKPOINT_STEP, fixed_class_weights, random_weights, write_run
+from run_helpers import launch
+from vit_reference import google_vit_forward, write_google_npz
 
 import data
 import eval as evaluate_script
-from cifar_archive import cifar100_arrays, fine_label_names, write_cifar100_archive
-from eval_helpers import CHECKPOINT_STEP, fixed_class_weights, random_weights, write_run
-from rdrop import evaluation
-from rdrop.distributed import Context
-from run_helpers import launch
-from vit_reference import google_vit_forward, write_google_npz
 
 NUM_TRAIN, NUM_TEST = 48, 21  # 21 test images: not divisible by 2 or 3 processes
 
@@ -21,8 +23,12 @@ NUM_TRAIN, NUM_TEST = 48, 21  # 21 test images: not divisible by 2 or 3 processe
 @pytest.fixture(scope="module")
 def archive10(tmp_path_factory):
     """10 classes, so the 21 test images give classes of 2 or 3 images each."""
-    return write_cifar100_archive(tmp_path_factory.mktemp("cifar10") / "cifar-100-python.tar.gz",
-                                  num_train=NUM_TRAIN, num_test=NUM_TEST, num_classes=10)
+    return write_cifar100_archive(
+        tmp_path_factory.mktemp("cifar10") / "cifar-100-python.tar.gz",
+        num_train=NUM_TRAIN,
+        num_test=NUM_TEST,
+        num_classes=10,
+    )
 
 
 def run_eval(capsys, *args):
@@ -93,8 +99,9 @@ def test_missing_run_config_and_npz_without_config_are_clear_errors(tmp_path, ar
 
 
 def test_unreadable_weights_and_a_run_folder_are_clear_errors(tmp_path, archive10, capsys):
-    run, _, _ = write_run(tmp_path, archive10, "broken", fixed_class_weights(np.arange(10.0)),
-                          model={"num_classes": 10})
+    run, _, _ = write_run(
+        tmp_path, archive10, "broken", fixed_class_weights(np.arange(10.0)), model={"num_classes": 10}
+    )
     (run / "best.pdparams").write_bytes(b"not a pickle")
     code, message = run_eval(capsys, "--checkpoint", str(run / "best.pdparams"))
     assert code == 2 and str(run / "best.pdparams") in message and "Traceback" not in message
@@ -105,8 +112,9 @@ def test_unreadable_weights_and_a_run_folder_are_clear_errors(tmp_path, archive1
 def test_weights_of_another_shape_are_refused_naming_both_shapes(tmp_path, archive, archive10, capsys):
     ten, _, _ = write_run(tmp_path, archive10, "ten", random_weights(), model={"num_classes": 10})
     hundred, _, _ = write_run(tmp_path, archive, "hundred", random_weights())
-    code, message = run_eval(capsys, "--checkpoint", str(ten / "best.pdparams"),
-                             "--config", str(hundred / "config.yaml"))
+    code, message = run_eval(
+        capsys, "--checkpoint", str(ten / "best.pdparams"), "--config", str(hundred / "config.yaml")
+    )
     assert code == 2
     assert "head.weight" in message and "(16, 10)" in message and "(16, 100)" in message
     assert "Traceback" not in message
@@ -118,8 +126,9 @@ GOOGLE_DIMS = {"embed_dim": 32, "num_heads": 4, "mlp_dim": 64}  # those of vit_r
 def test_npz_is_evaluated_as_the_reference_model(tmp_path, archive):
     run, cfg, _ = write_run(tmp_path, archive, "google", random_weights(), model=GOOGLE_DIMS)
     arrays = write_google_npz(tmp_path / "ViT-tiny.npz", num_classes=100)
-    metrics = evaluate_script.main(["--checkpoint", str(tmp_path / "ViT-tiny.npz"),
-                                    "--config", str(run / "config.yaml")])
+    metrics = evaluate_script.main(
+        ["--checkpoint", str(tmp_path / "ViT-tiny.npz"), "--config", str(run / "config.yaml")]
+    )
     images = np.concatenate([batch.numpy() for batch, _ in data.build_eval_loader(cfg, "test", 0, 1)])
     labels = cifar100_arrays(NUM_TRAIN, NUM_TEST)["test"][1]
     logits = google_vit_forward(arrays, images)
@@ -133,8 +142,9 @@ def test_npz_is_evaluated_strictly(tmp_path, archive, capsys):
     """A Google checkpoint with a 10-class head is not re-initialised to fit a 100-class model."""
     run, _, _ = write_run(tmp_path, archive, "google", random_weights(), model=GOOGLE_DIMS)
     write_google_npz(tmp_path / "ViT-tiny.npz", num_classes=10)
-    code, message = run_eval(capsys, "--checkpoint", str(tmp_path / "ViT-tiny.npz"),
-                             "--config", str(run / "config.yaml"))
+    code, message = run_eval(
+        capsys, "--checkpoint", str(tmp_path / "ViT-tiny.npz"), "--config", str(run / "config.yaml")
+    )
     assert code == 2 and "10" in message and "100" in message and "head" in message
 
 
@@ -173,8 +183,7 @@ def test_consistency_is_zero_without_dropout_and_positive_with_it(tmp_path, arch
     checkpoint = str(run / "best.pdparams")
     without = evaluate_script.main(["--checkpoint", checkpoint, "--consistency", "3", "-o", "model.dropout=0.0"])
     assert without["consistency"] == {"samples": 3, "symmetric_kl": 0.0, "disagreement": 0.0}
-    with_dropout = evaluate_script.main(["--checkpoint", checkpoint, "--consistency", "3",
-                                         "-o", "model.dropout=0.3"])
+    with_dropout = evaluate_script.main(["--checkpoint", checkpoint, "--consistency", "3", "-o", "model.dropout=0.3"])
     assert with_dropout["consistency"]["symmetric_kl"] > 0
     assert with_dropout["consistency"]["disagreement"] > 0
     # The deterministic metrics do not depend on the dropout rate.
@@ -189,8 +198,12 @@ def test_every_image_is_counted_once_on_several_processes(tmp_path, archive, pro
     run, _, _ = write_run(tmp_path, archive, "ranks", random_weights(), eval={"batch_size": 4})
     checkpoint = str(run / "best.pdparams")
     single = evaluate_script.main(["--checkpoint", checkpoint])
-    result = launch(["--checkpoint", checkpoint, "--output", str(tmp_path / "m.json")], tmp_path / "logs",
-                    processes=processes, script="eval.py")
+    result = launch(
+        ["--checkpoint", checkpoint, "--output", str(tmp_path / "m.json")],
+        tmp_path / "logs",
+        processes=processes,
+        script="eval.py",
+    )
     logs = "".join(path.read_text() for path in (tmp_path / "logs").glob("workerlog.*"))
     assert result.returncode == 0, result.stdout + result.stderr + logs
     several = json.loads((tmp_path / "m.json").read_text())

@@ -1,19 +1,20 @@
 """scripts/export.py and scripts/predict.py: the inference model reproduces the trained model, and
 predict classifies image files as evaluation classifies the same pixels."""
+
 import json
 
 import numpy as np
 import paddle
 import pytest
+from cifar_archive import cifar100_arrays, fine_label_names
+from eval_helpers import random_weights, write_run
 from PIL import Image
+from run_helpers import load_script
 
 import data
-from cifar_archive import cifar100_arrays, fine_label_names
 from data.image_set import ImageSet
 from data.samples import EvalSamples
 from data.settings import InputSettings
-from eval_helpers import random_weights, write_run
-from run_helpers import load_script
 
 NUM_TRAIN, NUM_TEST = 48, 21
 
@@ -89,7 +90,7 @@ def test_predict_resizes_other_sizes_and_jpeg_as_evaluation_would(exported, tmp_
     Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg", quality=90)
     results = predict.predict(str(output), [str(tmp_path / "odd.png"), str(tmp_path / "photo.jpg")])
     settings = InputSettings.from_config(cfg)
-    for (path, ranked) in results:
+    for path, ranked in results:
         decoded = np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
         samples = EvalSamples(ImageSet(decoded[None], np.zeros(1, np.int64), (), path), settings)
         names, probabilities = dynamic_top_classes(model, samples[0][0])
@@ -100,9 +101,11 @@ def test_predict_resizes_other_sizes_and_jpeg_as_evaluation_would(exported, tmp_
 def test_predict_errors_are_clear(exported, tmp_path, capsys):
     _, _, _, output, _ = exported
     (tmp_path / "notes.png").write_text("not an image")
-    for args, expected in ((["--model", str(tmp_path), str(tmp_path / "notes.png")], "metadata.json"),
-                           (["--model", str(output), str(tmp_path / "notes.png")], "notes.png"),
-                           (["--model", str(output), str(tmp_path / "missing.png")], "missing.png")):
+    for args, expected in (
+        (["--model", str(tmp_path), str(tmp_path / "notes.png")], "metadata.json"),
+        (["--model", str(output), str(tmp_path / "notes.png")], "notes.png"),
+        (["--model", str(output), str(tmp_path / "missing.png")], "missing.png"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             predict.main(args)
         message = capsys.readouterr().err
@@ -112,6 +115,14 @@ def test_predict_errors_are_clear(exported, tmp_path, capsys):
 def test_export_refuses_weights_that_do_not_fit(exported, tmp_path, capsys):
     run, _, _, _, _ = exported
     with pytest.raises(SystemExit) as exit_info:
-        export.main(["--checkpoint", str(run / "best.pdparams"), "--output", str(tmp_path / "out"),
-                     "-o", "model.num_classes=10"])
+        export.main(
+            [
+                "--checkpoint",
+                str(run / "best.pdparams"),
+                "--output",
+                str(tmp_path / "out"),
+                "-o",
+                "model.num_classes=10",
+            ]
+        )
     assert exit_info.value.code == 2 and "head.weight" in capsys.readouterr().err

@@ -3,22 +3,26 @@
 Each fault must end in a clean recovery (a resumed run finishes with exactly the weights of an
 uninterrupted one) or in one clear message with a non-zero exit, never a hang or a traceback.
 """
+
 import os
 import signal
 import subprocess
 import sys
 import time
 
+from rdrop import checkpoint
+
 import psutil
 import pytest
-
-import train
 from cifar_archive import write_cifar100_archive
-from rdrop import checkpoint
 from run_helpers import ROOT, assert_same_weights, final_weights, launch, launch_command, tiny_config
 
-LONG_RUN = {"schedule": {"total_steps": 40, "warmup_steps": 2}, "train": {"log_every": 1, "save_every": 5,
-                                                                        "eval_every": 0}}
+import train
+
+LONG_RUN = {
+    "schedule": {"total_steps": 40, "warmup_steps": 2},
+    "train": {"log_every": 1, "save_every": 5, "eval_every": 0},
+}
 
 
 def long_config(tmp_path, archive, name, **extra):
@@ -40,18 +44,30 @@ def wait_for_step(log_path, step, process, timeout=120):
 
 
 def start_single(config_path, *overrides):
-    return subprocess.Popen([sys.executable, "train.py", "--config", config_path, *overrides], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "train.py", "--config", config_path, *overrides],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def start_launched(config_path, log_dir, *overrides):
-    return subprocess.Popen(launch_command(["--config", config_path, *overrides], log_dir), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        launch_command(["--config", config_path, *overrides], log_dir),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def worker_logs(log_dir):
-    return "".join(open(os.path.join(log_dir, name)).read() for name in sorted(os.listdir(log_dir))
-                   if name.startswith("workerlog"))
+    return "".join(
+        open(os.path.join(log_dir, name)).read() for name in sorted(os.listdir(log_dir)) if name.startswith("workerlog")
+    )
 
 
 def run_single(config_path, *overrides):
@@ -135,9 +151,14 @@ def test_losing_one_rank_ends_the_job_with_a_message_and_resume_works(tmp_path, 
 
 
 def test_divergence_skips_steps_then_stops_and_never_saves_a_broken_best(tmp_path, archive, capsys):
-    config_path = tiny_config(tmp_path, archive, "diverged", optimizer={"lr": 1e30, "grad_clip": None},
-                              train={"max_bad_steps": 3, "eval_every": 1, "log_every": 1},
-                              schedule={"warmup_steps": 0, "total_steps": 20, "name": "constant"})
+    config_path = tiny_config(
+        tmp_path,
+        archive,
+        "diverged",
+        optimizer={"lr": 1e30, "grad_clip": None},
+        train={"max_bad_steps": 3, "eval_every": 1, "log_every": 1},
+        schedule={"warmup_steps": 0, "total_steps": 20, "name": "constant"},
+    )
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--config", config_path])
     assert exit_info.value.code == 2
@@ -148,6 +169,7 @@ def test_divergence_skips_steps_then_stops_and_never_saves_a_broken_best(tmp_pat
     best = tmp_path / "diverged" / "best.json"
     if best.exists():
         import json
+
         assert json.loads(best.read_text())["step"] == 1  # only the one finite evaluation may be best
 
 
@@ -164,18 +186,21 @@ def bad_archive(tmp_path, **knobs):
     return write_cifar100_archive(tmp_path / "bad.tar.gz", num_train=48, num_test=21, **knobs)
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("malformed_yaml", "is not valid YAML"),
-    ("object_tag", "uses a YAML tag"),
-    ("unknown_key", "Did you mean 'optimizer.lr'"),
-    ("negative_lr", "Invalid value -0.1 for 'optimizer.lr'"),
-    ("crop_scale", "'data.crop_scale'"),
-    ("indivisible_batch", "must be a multiple of train.micro_batch_size"),
-    ("missing_archive", "download"),
-    ("truncated_archive", "bad.tar.gz"),
-    ("missing_member", "bad.tar.gz"),
-    ("label_out_of_range", "bad.tar.gz"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("malformed_yaml", "is not valid YAML"),
+        ("object_tag", "uses a YAML tag"),
+        ("unknown_key", "Did you mean 'optimizer.lr'"),
+        ("negative_lr", "Invalid value -0.1 for 'optimizer.lr'"),
+        ("crop_scale", "'data.crop_scale'"),
+        ("indivisible_batch", "must be a multiple of train.micro_batch_size"),
+        ("missing_archive", "download"),
+        ("truncated_archive", "bad.tar.gz"),
+        ("missing_member", "bad.tar.gz"),
+        ("label_out_of_range", "bad.tar.gz"),
+    ],
+)
 def test_bad_input_exits_2_with_one_paragraph_and_no_traceback(tmp_path, archive, capsys, case, expected):
     overrides = []
     config_path = tiny_config(tmp_path, archive)
@@ -210,7 +235,12 @@ def test_bad_input_exits_2_with_one_paragraph_and_no_traceback(tmp_path, archive
 
 def test_the_command_line_itself_prints_no_traceback(tmp_path):
     (tmp_path / "bad.yaml").write_text("optimizer:\n  lr: fast\n")
-    result = subprocess.run([sys.executable, "train.py", "--config", str(tmp_path / "bad.yaml")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(tmp_path / "bad.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "Invalid value 'fast' for 'optimizer.lr'" in result.stderr and "Traceback" not in result.stderr

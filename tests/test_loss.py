@@ -1,16 +1,18 @@
 """The R-Drop loss against values computed by hand or in float64 numpy, never by the code under test."""
+
 import math
+
+from rdrop import RDropLoss, rdrop_logits, symmetric_kl
+from rdrop.loss import cross_entropy
 
 import numpy as np
 import paddle
 import pytest
 
-from rdrop import RDropLoss, rdrop_logits, symmetric_kl
-from rdrop.loss import cross_entropy
-
 
 def numpy_symmetric_kl_rows(a, b):
     """Per-row KL(P_a||P_b) + KL(P_b||P_a) in float64, straight from the definition."""
+
     def log_softmax(x):
         shifted = x - x.max(axis=-1, keepdims=True)
         return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -146,5 +148,7 @@ def test_cross_entropy_is_exact_where_paddles_kernel_caps_it():
     labels = np.array([1, 2])
     log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     expected = log_z - logits[np.arange(2), labels]  # 200.0 for the first image
-    assert float(cross_entropy(tensor(logits), paddle.to_tensor(labels), "sum")) == pytest.approx(expected.sum(), rel=1e-6)
+    assert float(cross_entropy(tensor(logits), paddle.to_tensor(labels), "sum")) == pytest.approx(
+        expected.sum(), rel=1e-6
+    )
     assert float(cross_entropy(tensor(logits), paddle.to_tensor(labels))) == pytest.approx(expected.mean(), rel=1e-6)

@@ -1,15 +1,17 @@
 """The ViT model and presets: attention, recomputation, initialisation, sizes, FLOPs, config checks."""
+
 import math
+
+from rdrop import config
+from rdrop.errors import UserError
 
 import numpy as np
 import paddle
 import pytest
+from vit_reference import tiny_model_cfg, write_google_npz
 
 import models
-from rdrop import config
 from models.vit import Attention
-from rdrop.errors import UserError
-from vit_reference import tiny_model_cfg, write_google_npz
 
 PRESET_DIMS = {  # patch, width, depth, heads, MLP: the ViT and AugReg papers' tables
     "vit_ti16": (16, 192, 12, 3, 768),
@@ -33,9 +35,14 @@ def expected_parameter_count(img_size, num_classes, patch, width, depth, heads, 
     embedding = channels * patch * patch * width + width + width + tokens * width  # conv, cls, positions
     block = (
         2 * 2 * width  # two LayerNorms
-        + width * 3 * width + 3 * width  # fused q/k/v
-        + width * width + width  # output projection
-        + width * mlp + mlp + mlp * width + width  # MLP
+        + width * 3 * width
+        + 3 * width  # fused q/k/v
+        + width * width
+        + width  # output projection
+        + width * mlp
+        + mlp
+        + mlp * width
+        + width  # MLP
     )
     return embedding + depth * block + 2 * width + width * num_classes + num_classes
 
@@ -66,11 +73,26 @@ def test_presets_are_the_published_sizes():
 def test_parameter_names_follow_paddleclas():
     names = set(models.build_model(tiny_model_cfg(depth=1)).state_dict())
     assert names == {
-        "patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed",
-        "blocks.0.norm1.weight", "blocks.0.norm1.bias", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias",
-        "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.norm2.weight", "blocks.0.norm2.bias",
-        "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias",
-        "norm.weight", "norm.bias", "head.weight", "head.bias",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "cls_token",
+        "pos_embed",
+        "blocks.0.norm1.weight",
+        "blocks.0.norm1.bias",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.qkv.bias",
+        "blocks.0.attn.proj.weight",
+        "blocks.0.attn.proj.bias",
+        "blocks.0.norm2.weight",
+        "blocks.0.norm2.bias",
+        "blocks.0.mlp.fc1.weight",
+        "blocks.0.mlp.fc1.bias",
+        "blocks.0.mlp.fc2.weight",
+        "blocks.0.mlp.fc2.bias",
+        "norm.weight",
+        "norm.bias",
+        "head.weight",
+        "head.bias",
     }
 
 
@@ -93,12 +115,15 @@ def test_attention_equals_plain_softmax_attention():
     head_dim = width // heads
     expected = np.zeros((2, tokens, width))
     for h in range(heads):  # head h reads columns h*head_dim.. of each of the q, k and v thirds
-        q, k, v = (x @ qkv_w[:, part * width + h * head_dim: part * width + (h + 1) * head_dim]
-                   + qkv_b[part * width + h * head_dim: part * width + (h + 1) * head_dim] for part in range(3))
+        q, k, v = (
+            x @ qkv_w[:, part * width + h * head_dim : part * width + (h + 1) * head_dim]
+            + qkv_b[part * width + h * head_dim : part * width + (h + 1) * head_dim]
+            for part in range(3)
+        )
         scores = q @ k.transpose(0, 2, 1) / math.sqrt(head_dim)
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         weights /= weights.sum(-1, keepdims=True)
-        expected[:, :, h * head_dim:(h + 1) * head_dim] = weights @ v
+        expected[:, :, h * head_dim : (h + 1) * head_dim] = weights @ v
     expected = expected @ proj_w + proj_b
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -126,7 +151,7 @@ def test_attn_dropout_acts_on_probabilities_and_after_the_projection():
     # dropout, so kept entries are 2 x context; they differ from eval's context only if the
     # attention probabilities were dropped too.
     qkv = rng.standard_normal((width, 3 * width)).astype(np.float32)
-    qkv[:, 2 * width:] = np.eye(width)
+    qkv[:, 2 * width :] = np.eye(width)
     attention.qkv.weight.set_value(qkv)
     attention.proj.weight.set_value(np.eye(width, dtype=np.float32))
     attention.proj.bias.set_value(np.zeros(width, np.float32))
@@ -157,9 +182,7 @@ def test_dropout_makes_two_training_passes_differ():
 
 
 def _loss_and_gradients(npz, recompute, seed, frozen_embeddings=False):
-    model = models.build_model(
-        tiny_model_cfg(dropout=0.1, attn_dropout=0.1, drop_path=0.1, pretrained=str(npz))
-    )
+    model = models.build_model(tiny_model_cfg(dropout=0.1, attn_dropout=0.1, drop_path=0.1, pretrained=str(npz)))
     model.train()
     model.recompute = recompute
     if frozen_embeddings:
@@ -228,7 +251,8 @@ def _counted_flops(model, images):
 
     hooks = [
         layer.register_forward_post_hook(conv_hook if isinstance(layer, paddle.nn.Conv2D) else linear_hook)
-        for layer in model.sublayers() if isinstance(layer, (paddle.nn.Linear, paddle.nn.Conv2D))
+        for layer in model.sublayers()
+        if isinstance(layer, (paddle.nn.Linear, paddle.nn.Conv2D))
     ]
     model.eval()
     model(images)
@@ -254,8 +278,9 @@ def test_preset_accepts_equal_dimensions():
     assert models.resolve_architecture(preset_cfg("vit_b16", embed_dim=768, patch_size=16)) == models.PRESETS["vit_b16"]
 
 
-@pytest.mark.parametrize("key, value", [("embed_dim", 512), ("patch_size", 8), ("depth", 6), ("num_heads", 8),
-                                        ("mlp_dim", 1024)])
+@pytest.mark.parametrize(
+    "key, value", [("embed_dim", 512), ("patch_size", 8), ("depth", 6), ("num_heads", 8), ("mlp_dim", 1024)]
+)
 def test_conflicting_preset_dimension_is_a_user_error(key, value):
     with pytest.raises(UserError, match=f"model.{key} is {value}.*vit_b16"):
         models.build_model(preset_cfg("vit_b16", **{key: value}))

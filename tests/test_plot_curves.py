@@ -3,9 +3,8 @@
 import matplotlib.image
 import numpy as np
 import pytest
-from visualdl import LogWriter
-
 from run_helpers import load_script
+from visualdl import LogWriter
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -22,15 +21,23 @@ def write_session(run_dir, file_name, scalars):
 
 
 def test_two_runs_are_plotted_and_a_missing_tag_is_noted(tmp_path, capsys):
-    write_session(tmp_path / "baseline", "vdlrecords.100.log", {
-        "train/loss": [(2, 4.0), (4, 3.5), (6, 3.0)], "train/kl": [(2, 0.0), (4, 0.0), (6, 0.0)],
-        "eval/top1": [(3, 10.0), (6, 20.0)]})
-    write_session(tmp_path / "rdrop", "vdlrecords.100.log", {
-        "train/loss": [(2, 4.2), (4, 3.6), (6, 3.1)], "train/kl": [(2, 0.5), (4, 0.3), (6, 0.2)]})
+    write_session(
+        tmp_path / "baseline",
+        "vdlrecords.100.log",
+        {
+            "train/loss": [(2, 4.0), (4, 3.5), (6, 3.0)],
+            "train/kl": [(2, 0.0), (4, 0.0), (6, 0.0)],
+            "eval/top1": [(3, 10.0), (6, 20.0)],
+        },
+    )
+    write_session(
+        tmp_path / "rdrop",
+        "vdlrecords.100.log",
+        {"train/loss": [(2, 4.2), (4, 3.6), (6, 3.1)], "train/kl": [(2, 0.5), (4, 0.3), (6, 0.2)]},
+    )
     output = tmp_path / "figures" / "curves.png"
     drawn = plot_curves.main([str(tmp_path / "baseline"), str(tmp_path / "rdrop"), "--output", str(output)])
-    assert drawn == {"train/loss": ["baseline", "rdrop"], "train/kl": ["baseline", "rdrop"],
-                     "eval/top1": ["baseline"]}
+    assert drawn == {"train/loss": ["baseline", "rdrop"], "train/kl": ["baseline", "rdrop"], "eval/top1": ["baseline"]}
     assert "rdrop logged no eval/top1" in capsys.readouterr().out
     assert output.read_bytes()[:8] == PNG_SIGNATURE
     pixels = matplotlib.image.imread(str(output))

@@ -1,18 +1,20 @@
 """Pretrained loading: Google .npz against a NumPy ViT, .pdparams round trips, adaptations, errors, URLs."""
+
 import functools
 import http.server
 import logging
 import re
 import threading
 
+from rdrop.errors import UserError
+
 import numpy as np
 import paddle
 import pytest
+from vit_reference import google_vit_arrays, google_vit_forward, tiny_model_cfg, write_google_npz
 
 import models
 from models import pretrained
-from rdrop.errors import UserError
-from vit_reference import google_vit_arrays, google_vit_forward, tiny_model_cfg, write_google_npz
 
 
 def images(batch=3, size=16, seed=1):
@@ -86,8 +88,10 @@ def test_head_with_other_classes_is_zeroed_and_logged(tiny_npz, caplog):
 
 def test_without_adaptation_head_and_grid_mismatches_are_errors(tiny_npz):
     path, _ = tiny_npz
-    for cfg, offending in (({"num_classes": 21}, "head.weight (checkpoint [32, 10], model [32, 21])"),
-                           ({"img_size": 24}, "pos_embed (checkpoint [1, 17, 32], model [1, 37, 32])")):
+    for cfg, offending in (
+        ({"num_classes": 21}, "head.weight (checkpoint [32, 10], model [32, 21])"),
+        ({"img_size": 24}, "pos_embed (checkpoint [1, 17, 32], model [1, 37, 32])"),
+    ):
         model = models.build_model(tiny_model_cfg(**cfg))
         with pytest.raises(UserError, match=re.escape(offending)):
             models.load_pretrained(model, str(path), adapt=False)
@@ -102,8 +106,12 @@ def numpy_bilinear_align_corners(grid, new_side):
             y, x = i * (old_side - 1) / (new_side - 1), j * (old_side - 1) / (new_side - 1)
             y0, x0 = min(int(y), old_side - 2), min(int(x), old_side - 2)
             dy, dx = y - y0, x - x0
-            out[i, j] = ((1 - dy) * (1 - dx) * grid[y0, x0] + (1 - dy) * dx * grid[y0, x0 + 1]
-                         + dy * (1 - dx) * grid[y0 + 1, x0] + dy * dx * grid[y0 + 1, x0 + 1])
+            out[i, j] = (
+                (1 - dy) * (1 - dx) * grid[y0, x0]
+                + (1 - dy) * dx * grid[y0, x0 + 1]
+                + dy * (1 - dx) * grid[y0 + 1, x0]
+                + dy * dx * grid[y0 + 1, x0 + 1]
+            )
     return out
 
 
@@ -202,12 +210,15 @@ def test_pickled_object_array_is_refused_unopened(tmp_path):
     assert "never unpickled" in load_error(tmp_path / "objects.npz")
 
 
-@pytest.mark.parametrize("name, content", [
-    ("random.npz", bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))),
-    ("text.npz", b"this is a text file, not weights\n"),
-    ("random.pdparams", bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8))),
-    ("text.pdparams", b"this is a text file, not weights\n"),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("random.npz", bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))),
+        ("text.npz", b"this is a text file, not weights\n"),
+        ("random.pdparams", bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8))),
+        ("text.pdparams", b"this is a text file, not weights\n"),
+    ],
+)
 def test_file_that_is_no_checkpoint_is_a_user_error(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
     load_error(tmp_path / name)

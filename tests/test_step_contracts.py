@@ -1,22 +1,35 @@
 """Contracts of the training step that speed depends on: no host reads per micro-step, none in
 train.py's loop between logging points, activation recomputation that reproduces R-Drop's two
 dropout samples exactly, and a static-program model that computes what the eager one does."""
+
 import contextlib
 
-import numpy as np
-import paddle
-import pytest
-
-import models
-import train
 from rdrop import config, distributed, optim, precision
 from rdrop.errors import UserError
 from rdrop.loss import RDropLoss
 from rdrop.step import TrainStep, compile_model
+
+import numpy as np
+import paddle
+import pytest
 from run_helpers import tiny_config
 
-HOST_READS = ("numpy", "item", "tolist", "__float__", "__int__", "__bool__", "__index__", "__array__",
-              "__repr__", "__str__", "__format__")
+import models
+import train
+
+HOST_READS = (
+    "numpy",
+    "item",
+    "tolist",
+    "__float__",
+    "__int__",
+    "__bool__",
+    "__index__",
+    "__array__",
+    "__repr__",
+    "__str__",
+    "__format__",
+)
 
 
 @contextlib.contextmanager
@@ -33,6 +46,7 @@ def counting_host_reads():
                 return original(*args, **kwargs)
             finally:
                 counter["depth"] -= 1
+
         return wrapper
 
     for name, original in originals.items():
@@ -45,13 +59,25 @@ def counting_host_reads():
 
 
 def tiny_cfg(**train):
-    cfg = config.validate({
-        "model": {"name": "vit", "img_size": 16, "num_classes": 10, "patch_size": 4, "embed_dim": 16, "depth": 2,
-                  "num_heads": 2, "mlp_dim": 32, "dropout": 0.1, "attn_dropout": 0.1},
-        "optimizer": {"name": "momentum", "lr": 0.1, "grad_clip": 1.0},
-        "schedule": {"warmup_steps": 0, "total_steps": 10},
-        "train": dict({"global_batch_size": 12, "micro_batch_size": 4}, **train),
-    })
+    cfg = config.validate(
+        {
+            "model": {
+                "name": "vit",
+                "img_size": 16,
+                "num_classes": 10,
+                "patch_size": 4,
+                "embed_dim": 16,
+                "depth": 2,
+                "num_heads": 2,
+                "mlp_dim": 32,
+                "dropout": 0.1,
+                "attn_dropout": 0.1,
+            },
+            "optimizer": {"name": "momentum", "lr": 0.1, "grad_clip": 1.0},
+            "schedule": {"warmup_steps": 0, "total_steps": 10},
+            "train": dict({"global_batch_size": 12, "micro_batch_size": 4}, **train),
+        }
+    )
     return cfg
 
 
@@ -62,15 +88,21 @@ def build_step(cfg):
     model.train()
     optimizer, scheduler = optim.build(cfg["optimizer"], cfg["schedule"], model)
     accumulation = cfg["train"]["global_batch_size"] // cfg["train"]["micro_batch_size"]
-    step = TrainStep(cfg, model, model, optimizer, scheduler, precision.loss_scaler("none"),
-                     distributed.Context(0, 1), accumulation)
+    step = TrainStep(
+        cfg, model, model, optimizer, scheduler, precision.loss_scaler("none"), distributed.Context(0, 1), accumulation
+    )
     return model, step, accumulation
 
 
 def micro_batches(count, seed=1):
     rng = np.random.default_rng(seed)
-    return [(paddle.to_tensor(rng.standard_normal((4, 3, 16, 16)).astype("float32")),
-             paddle.to_tensor(rng.integers(0, 10, 4))) for _ in range(count)]
+    return [
+        (
+            paddle.to_tensor(rng.standard_normal((4, 3, 16, 16)).astype("float32")),
+            paddle.to_tensor(rng.integers(0, 10, 4)),
+        )
+        for _ in range(count)
+    ]
 
 
 def test_the_counter_catches_a_planted_host_read():
@@ -99,8 +131,12 @@ def test_recompute_gives_the_same_losses_and_update_with_dropout_on():
         paddle.seed(123)
         step(iter(micro_batches(accumulation)))  # the head starts at zero: the second step has a KL
         outcome = step(iter(micro_batches(accumulation, seed=2)))
-        results.append(({name: float(value) for name, value in outcome["losses"].items()},
-                        {name: p.numpy() for name, p in model.named_parameters()}))
+        results.append(
+            (
+                {name: float(value) for name, value in outcome["losses"].items()},
+                {name: p.numpy() for name, p in model.named_parameters()},
+            )
+        )
     (losses, weights), (recomputed_losses, recomputed_weights) = results
     assert losses["kl"] > 0  # the two dropout samples really differ
     for name in losses:
@@ -122,8 +158,12 @@ def host_reads_in_train_loop(tmp_path, archive, monkeypatch):
             return outcome
 
     monkeypatch.setattr(train, "TrainStep", RecordingStep)
-    path = tiny_config(tmp_path, archive, schedule={"warmup_steps": 1, "total_steps": 4},
-                       train={"log_every": 100, "eval_every": 0, "save_every": 0})
+    path = tiny_config(
+        tmp_path,
+        archive,
+        schedule={"warmup_steps": 1, "total_steps": 4},
+        train={"log_every": 100, "eval_every": 0, "save_every": 0},
+    )
     with counting_host_reads() as counter:
         train.main(["--config", path])
     starts, ends = marks[0::2], marks[1::2]

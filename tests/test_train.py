@@ -1,12 +1,15 @@
 """train.py end to end on a tiny generated CIFAR-100 archive: outputs, exact resume, accumulation,
 the learning rate actually used, and the multi-process path through Paddle's launcher."""
+
 import json
 
+from rdrop import checkpoint
+
 import pytest
+from run_helpers import assert_same_weights, final_weights, launch, tiny_config
 
 import train
-from rdrop import checkpoint
-from run_helpers import assert_same_weights, final_weights, launch, tiny_config
+
 
 def test_a_run_writes_every_output(tmp_path, archive):
     train.main(["--config", tiny_config(tmp_path, archive)])
@@ -20,10 +23,20 @@ def test_a_run_writes_every_output(tmp_path, archive):
     assert "step 6/6" in log and "on test" in log
 
     from visualdl import LogReader
+
     reader = LogReader(file_path=str(next((run / "vdl").iterdir())))
     tags = set(reader.get_tags()["scalar"])
-    assert {"train/loss", "train/ce", "train/kl", "train/lr", "train/grad_norm", "train/img_per_s",
-            "eval/top1", "eval/top5", "eval/loss"} <= tags
+    assert {
+        "train/loss",
+        "train/ce",
+        "train/kl",
+        "train/lr",
+        "train/grad_norm",
+        "train/img_per_s",
+        "eval/top1",
+        "eval/top5",
+        "eval/loss",
+    } <= tags
     assert [record.id for record in reader.get_data("scalar", "train/loss")] == [2, 4, 6]
 
 
@@ -40,10 +53,8 @@ def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, archive):
 
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, archive):
     no_dropout = {"dropout": 0.0}
-    train.main(["--config", tiny_config(tmp_path, archive, "one", model=no_dropout,
-                                        train={"micro_batch_size": 8})])
-    train.main(["--config", tiny_config(tmp_path, archive, "two", model=no_dropout,
-                                        train={"micro_batch_size": 4})])
+    train.main(["--config", tiny_config(tmp_path, archive, "one", model=no_dropout, train={"micro_batch_size": 8})])
+    train.main(["--config", tiny_config(tmp_path, archive, "two", model=no_dropout, train={"micro_batch_size": 4})])
     assert_same_weights(final_weights(tmp_path / "one")[1], final_weights(tmp_path / "two")[1], atol=2e-6)
 
 

@@ -6,11 +6,12 @@ them. `google_vit_forward` computes the logits from those arrays in float64 with
 the Flax model's definition, sharing no code with `models`, so the loader and the Paddle model are
 checked against something independent.
 """
+
 import math
 
-import numpy as np
-
 from rdrop import config
+
+import numpy as np
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=10)
 
@@ -23,8 +24,9 @@ def tiny_model_cfg(**overrides):
     return cfg
 
 
-def google_vit_arrays(seed=0, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_dim=64,
-                      num_classes=10, pre_logits=False):
+def google_vit_arrays(
+    seed=0, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=10, pre_logits=False
+):
     """Random float32 weights under Google's checkpoint names (head_dim = embed_dim / num_heads)."""
     rng = np.random.default_rng(seed)
     head_dim = embed_dim // num_heads
