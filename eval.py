@@ -119,8 +119,7 @@ def main(argv=None):
         data.prepare_dataset(cfg)  # one download per machine, not one per process into the same file
     distributed.barrier(context)
     loader = data.build_eval_loader(cfg, args.split, context.rank, context.world_size)
-    transform = data.build_batch_transform(cfg, train=False)
-    metrics = evaluation.evaluate(model, loader, transform, cfg["model"]["num_classes"], context, cfg["train"]["amp"])
+    metrics = evaluation.evaluate(model, loader, cfg["model"]["num_classes"], context, cfg["train"]["amp"])
     if args.consistency:
         if not any(cfg["model"][rate] for rate in ("dropout", "attn_dropout", "drop_path")):
             logger.warning(
@@ -128,7 +127,7 @@ def main(argv=None):
             )
         paddle.seed(cfg["train"]["seed"] + context.rank)  # reproducible dropout masks, different per rank
         metrics["consistency"] = evaluation.dropout_consistency(
-            model, loader, transform, args.consistency, context, cfg["train"]["amp"]
+            model, loader, args.consistency, context, cfg["train"]["amp"]
         )
 
     class_names = list(data.class_names(cfg))

@@ -92,13 +92,12 @@ def main(argv=None):
     optimizer, scheduler = optim.build(cfg["optimizer"], cfg["schedule"], model)
     scaler = precision.loss_scaler(train_cfg["amp"])
 
-    # Data: an endless, sharded, resumable stream of training micro-batches, and the selection split.
+    # Data: an endless, sharded, resumable stream of model-ready training micro-batches, and the
+    # selection split.
     if context.is_node_main:
         data.prepare_dataset(cfg)  # one download per machine, not one per process into the same file
     distributed.barrier(context)
     stream = data.TrainStream(cfg, context.rank, context.world_size)
-    train_transform = data.build_batch_transform(cfg, train=True)
-    eval_transform = data.build_batch_transform(cfg, train=False)
     selection_split = "val" if cfg["data"]["val_size"] else "test"
     selection_loader = data.build_eval_loader(cfg, selection_split, context.rank, context.world_size)
     logger.info(
@@ -137,7 +136,7 @@ def main(argv=None):
     def evaluate_and_select():
         nonlocal best
         metrics = evaluation.evaluate(
-            ddp_model, selection_loader, eval_transform, cfg["model"]["num_classes"], context, train_cfg["amp"]
+            ddp_model, selection_loader, cfg["model"]["num_classes"], context, train_cfg["amp"]
         )
         checksums = distributed.parameter_checksums(model, context)
         drift = float(np.max(np.abs(checksums - checksums[0])))
@@ -170,8 +169,7 @@ def main(argv=None):
     ddp_model.train()
     while step < total_steps:
         paddle.seed(dropout_seed(train_cfg["seed"], context.rank, step))
-        micro_batches = ((train_transform(images), labels) for images, labels in itertools.islice(stream, accumulation))
-        outcome = train_step(micro_batches, stop.requested)
+        outcome = train_step(itertools.islice(stream, accumulation), stop.requested)
         nonfinite, stop_requested = outcome["nonfinite"], outcome["stop"]
         for name in window:
             window[name] += outcome["losses"][name]
@@ -218,9 +216,7 @@ def main(argv=None):
     stream.close()
     if selection_split == "val" and not stop_requested:
         test_loader = data.build_eval_loader(cfg, "test", context.rank, context.world_size)
-        test = evaluation.evaluate(
-            ddp_model, test_loader, eval_transform, cfg["model"]["num_classes"], context, train_cfg["amp"]
-        )
+        test = evaluation.evaluate(ddp_model, test_loader, cfg["model"]["num_classes"], context, train_cfg["amp"])
         logger.info(
             "final weights on test: top1 %.2f  top5 %.2f (the best-on-val weights: python eval.py --checkpoint %s)",
             test["top1"],

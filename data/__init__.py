@@ -1,24 +1,20 @@
 """Input pipeline: CIFAR-100 and the offline digits dataset, sharded resumable sampling, and a
-host or device-side augmentation path.
+host or device-side augmentation path (`data.device_augment`) behind the same loaders.
 
-    stream = data.TrainStream(cfg, rank, world_size)          # endless (images, labels) micro-batches
-    to_model = data.build_batch_transform(cfg, train=True)    # identity on the host path
-    images, labels = next(stream); logits = model(to_model(images))
-    stream.state_dict() / stream.set_state_dict(state)        # exact resume
+    stream = data.TrainStream(cfg, rank, world_size)          # endless training micro-batches
+    images, labels = next(stream); logits = model(images)
+    stream.state_dict() / stream.set_state_dict(state)        # resume where a run stopped
     stream.close()                                            # stop its workers (also on garbage collection)
 
-    loader = data.build_eval_loader(cfg, "test", rank, world_size)   # or "val"; exact shards
-    to_model = data.build_batch_transform(cfg, train=False)
+    loader = data.build_eval_loader(cfg, "test", rank, world_size)   # or "val"; shards without padding
     for images, labels in loader: ...
 
     data.prepare_dataset(cfg)   # download/locate the archive (call on one rank before the others)
     data.class_names(cfg)       # names for reports
 
-On the device path (data.device_augment) `images` is a `CropBatch` (training) or uint8 NCHW (eval)
-until the batch transform turns it into float32 NCHW; count images with `labels`.
+Either way `images` is float32 N x 3 x img_size x img_size, normalised, and `labels` int64 N.
 """
 
-from data.device_transform import CropBatch, build_batch_transform
 from data.loader import TrainStream, build_eval_loader, class_names
 from data.settings import InputSettings
 from data.splits import dataset_file
@@ -34,10 +30,8 @@ def prepare_dataset(cfg):
 
 
 __all__ = [
-    "CropBatch",
     "InputSettings",
     "TrainStream",
-    "build_batch_transform",
     "build_eval_loader",
     "class_names",
     "prepare_dataset",

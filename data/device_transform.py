@@ -8,20 +8,10 @@ border padding this is the geometry of `data.transforms.resized_crop` (see that 
 the same boxes both paths produce the same float32 NCHW images up to rounding.
 """
 
-from typing import NamedTuple
-
 import paddle
 import paddle.nn.functional as F
 
-from data.settings import InputSettings
 from data.transforms import MEAN, STD
-
-
-class CropBatch(NamedTuple):
-    """A training micro-batch on the device path: what `build_batch_transform(cfg, True)` takes."""
-
-    pixels: paddle.Tensor  # uint8 N x 3 x H x W
-    boxes: paddle.Tensor  # float32 N x 4: top, left, height, width in pixels
 
 
 def normalize(pixels):
@@ -57,22 +47,3 @@ def resize_batch(pixels, out_size):
     batch, _, height, width = pixels.shape
     whole = paddle.to_tensor([[0.0, 0.0, height, width]], dtype="float32", place=pixels.place)
     return resized_crop_batch(pixels, whole.expand([batch, 4]), out_size)
-
-
-def _identity(images):
-    return images
-
-
-def build_batch_transform(cfg, train):
-    """The callable that turns what the loaders yield into float32 NCHW model input on the device.
-
-    Host path: identity (the loaders already yield normalised float32 NCHW). Device path: for
-    training it takes a `CropBatch`, for evaluation a uint8 NCHW tensor.
-    """
-    settings = InputSettings.from_config(cfg)
-    if not settings.device_augment:
-        return _identity
-    size = settings.img_size
-    if train:
-        return lambda batch: resized_crop_batch(batch.pixels, batch.boxes, size)
-    return lambda pixels: resize_batch(pixels, size)

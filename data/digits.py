@@ -2,7 +2,7 @@
 
 `sklearn.datasets.load_digits` holds 1,797 greyscale 8x8 images with values 0..16 in 10 classes.
 They become CIFAR-like uint8 RGB 32x32 images (values scaled to 0..255, grey replicated into three
-channels, each pixel repeated into a 4x4 block) so they go through exactly the same transforms,
+channels, each pixel repeated into a 4x4 block) so they go through the same transforms,
 sampler and loaders as CIFAR-100.
 
 Fixed split, no randomness: for every class, its last TEST_PER_CLASS images in scikit-learn's

@@ -1,9 +1,13 @@
-"""The loaders the trainer and evaluator iterate: a resumable training stream and exact eval loaders.
+"""The loaders the trainer and evaluator iterate: a resumable training stream and sharded eval
+loaders. Both hand out (images, labels) ready for the model: float32 N x 3 x S x S normalised
+images and int64 labels, whichever input path `data.device_augment` chooses.
 
 Both wrap `paddle.io.DataLoader` (num_workers = data.num_workers, 0 reads in a background thread of
-the calling process). The training stream is one endless DataLoader iteration over
-`TrainBatchSampler`, so workers are started once, not every epoch; its position counts the
-micro-batches handed to the caller, not what the loader has read ahead.
+the calling process), whose workers run the per-image host work of `data.host_samples`. On the device
+path they only gather uint8 images and crop boxes, and the loader finishes each batch on the device
+with `data.device_transform` as it hands it out. The training stream is one endless DataLoader
+iteration over `TrainBatchSampler`, so workers are started once, not every epoch; its position counts
+the micro-batches handed to the caller, not what the loader has read ahead.
 """
 
 import logging
@@ -14,10 +18,10 @@ from rdrop.errors import UserError
 
 import paddle
 
-from data.device_transform import CropBatch
-from data.sampler import StreamPosition, TrainBatchSampler, eval_shard
-from data.samples import EvalSamples, TrainSamples
+from data.device_transform import resize_batch, resized_crop_batch
+from data.host_samples import EvalSamples, TrainSamples
 from data.settings import InputSettings
+from data.sharding import StreamPosition, TrainBatchSampler, eval_shard
 from data.splits import load_split
 
 logger = logging.getLogger(__name__)
@@ -30,11 +34,7 @@ FEEDER_EXIT_SECONDS = 0.5
 
 
 class TrainStream:
-    """Endless iterator of (images, labels) training micro-batches for one rank.
-
-    images is float32 N x 3 x S x S normalised on the host path and a `CropBatch` on the device
-    path; pass it through `build_batch_transform(cfg, train=True)` either way. labels is int64 N.
-    """
+    """Endless iterator of this rank's (images, labels) training micro-batches, ready for the model."""
 
     def __init__(self, cfg, rank, world_size):
         self._batches = None  # the live DataLoader iterator, started by the first next()
@@ -57,10 +57,6 @@ class TrainStream:
         return len(self._samples)
 
     @property
-    def class_names(self):
-        return self._samples.class_names
-
-    @property
     def images_per_step(self):
         return self._world_size * self._settings.micro_batch_size
 
@@ -77,7 +73,8 @@ class TrainStream:
         *images, labels = next(self._batches)
         self._position = self._position.advanced(1, self.batches_per_epoch)
         if self._settings.device_augment:
-            return CropBatch(*images), labels
+            pixels, boxes = images
+            return resized_crop_batch(pixels, boxes, self._settings.img_size), labels
         return images[0], labels
 
     def state_dict(self):
@@ -90,7 +87,7 @@ class TrainStream:
         }
 
     def set_state_dict(self, state):
-        """Continue exactly where the stream that produced `state` stopped.
+        """Continue where the stream that produced `state` stopped.
 
         A state saved with another world size or micro-batch size is converted through the number
         of images already taken in the epoch (the epoch order does not depend on either); when that
@@ -160,20 +157,31 @@ class TrainStream:
         return _data_loader(self._samples, self._settings, self._settings.micro_batch_size, batch_sampler=sampler)
 
 
-def build_eval_loader(cfg, split, rank, world_size):
-    """DataLoader over this rank's exact shard of `split` ("val" or "test"), cfg eval.batch_size.
+class EvalLoader:
+    """This rank's shard of an evaluation split as (images, labels) batches ready for the model."""
 
-    Yields [images, labels] (images float32 NCHW on the host path, uint8 NCHW on the device path:
-    pass them through `build_batch_transform(cfg, train=False)`). Over all ranks every image is
-    seen exactly once; shards may differ by one image. `loader.dataset.class_names` names classes.
-    """
+    def __init__(self, image_set, settings):
+        self.class_names = image_set.class_names
+        self.num_images = len(image_set)
+        self._settings = settings
+        self._loader = _data_loader(EvalSamples(image_set, settings), settings, settings.eval_batch_size)
+
+    def __iter__(self):
+        for images, labels in self._loader:
+            if self._settings.device_augment:
+                images = resize_batch(images, self._settings.img_size)
+            yield images, labels
+
+
+def build_eval_loader(cfg, split, rank, world_size):
+    """An `EvalLoader` over this rank's shard of `split` ("val" or "test") in batches of
+    eval.batch_size. Over all ranks every image is seen once; shards may differ by one image."""
     settings = InputSettings.from_config(cfg)
     if split not in ("val", "test"):
         raise ValueError(f"evaluation split must be 'val' or 'test', not {split!r}")
     image_set = load_split(settings, split)
     shard = eval_shard(len(image_set), rank, world_size)
-    samples = EvalSamples(image_set.subset(slice(shard.start, shard.stop)), settings)
-    return _data_loader(samples, settings, settings.eval_batch_size)
+    return EvalLoader(image_set.subset(slice(shard.start, shard.stop)), settings)
 
 
 def class_names(cfg):

@@ -3,7 +3,7 @@
 Everything random in the input pipeline (epoch order, validation split, crop parameters) draws from
 a generator derived here instead of global state, so a result depends only on the seed and on the
 position of the sample: not on the number of loader workers, on prefetching or on process
-boundaries. That is what makes a resumed run see exactly the batches and crops of an uninterrupted
+boundaries. That is what makes a resumed run see the batches and crops of an uninterrupted
 one.
 """
 

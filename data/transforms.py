@@ -10,7 +10,7 @@ per-sample generator, so the two paths see the same crops for the same seed.
 Resampling geometry (shared with `data.device_transform`, whose tests pin the two together):
 output pixel o of a crop [start, start + length) along an axis of `in_size` pixels samples the
 source at pixel-centre coordinate start + (o + 0.5) * length / out_size - 0.5, clamped to
-[0, in_size - 1], with linear interpolation. For a whole-image box this is exactly bilinear resize
+[0, in_size - 1], with linear interpolation. For a whole-image box this is plain bilinear resize
 with half-pixel centres (`align_corners=False`). Unlike PIL, which crops first, a crop's edge
 samples may blend in up to half a pixel of the neighbouring image content; there is no
 anti-aliasing when shrinking (the recipe only enlarges 32x32 images).

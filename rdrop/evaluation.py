@@ -96,7 +96,7 @@ def _mode(model, training):
 
 
 @paddle.no_grad()
-def evaluate(model, loader, batch_transform, num_classes, context, amp="none"):
+def evaluate(model, loader, num_classes, context, amp="none"):
     """Returns {'top1', 'top5' (percent), 'loss' (mean cross-entropy), 'num_samples',
     'per_class' (top-1 percent per class, None for a class without images), 'per_class_count'}."""
     loss_sum = paddle.zeros([1], dtype="float64")
@@ -108,7 +108,7 @@ def evaluate(model, loader, batch_transform, num_classes, context, amp="none"):
         for images, labels in loader:
             labels = labels.reshape([-1]).astype("int64")
             with autocast(amp):
-                logits = model(batch_transform(images))
+                logits = model(images)
             logits = logits.astype("float32")
             loss_sum += cross_entropy(logits, labels, reduction="sum").astype("float64")
             ranked = paddle.topk(logits, k=k, axis=-1)[1]
@@ -143,7 +143,7 @@ def worst_classes(metrics, class_names, count):
 
 
 @paddle.no_grad()
-def dropout_consistency(model, loader, batch_transform, samples, context, amp="none"):
+def dropout_consistency(model, loader, samples, context, amp="none"):
     """How far `samples` stochastic passes stray from the deterministic prediction.
 
     This is the train/inference inconsistency R-Drop is meant to reduce. For every image, the
@@ -154,7 +154,6 @@ def dropout_consistency(model, loader, batch_transform, samples, context, amp="n
     """
     totals = paddle.zeros([3], dtype="float64")
     for images, labels in loader:
-        images = batch_transform(images)
         with _mode(model, training=False), autocast(amp):
             reference = model(images).astype("float32")
         with _mode(model, training=True):

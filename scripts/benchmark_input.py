@@ -33,8 +33,8 @@ from paddle.vision import transforms as paddle_transforms
 from PIL import Image
 
 from data.device_transform import resize_batch, resized_crop_batch
+from data.host_samples import EvalSamples, TrainSamples
 from data.image_set import ImageSet
-from data.samples import EvalSamples, TrainSamples
 from data.settings import InputSettings
 
 # An H100 trains ViT-B/16 under R-Drop (two forward passes) at about this many images per second.

@@ -39,6 +39,13 @@ def index_lookup(images):
     return lookup
 
 
-def indices_of(pixels, lookup):
-    """Indices of a uint8 N x 3 x H x W batch (a paddle tensor or array) in `lookup`."""
-    return [lookup[image.tobytes()] for image in np.asarray(pixels)]
+# With these settings an image reaches the model unchanged but for normalisation, so `indices_of`
+# can tell which images a batch holds: img_size 32 (the source size) and whole-image crops only.
+IDENTIFIABLE = {"img_size": 32, "crop_scale": [1.0, 1.0]}
+
+
+def indices_of(images, lookup):
+    """Indices in `lookup` of a batch of model-ready images (a paddle tensor or array) loaded with
+    IDENTIFIABLE settings: the normalisation is undone and the uint8 pixels looked up."""
+    pixels = np.rint((np.asarray(images) + 1.0) * 127.5).astype(np.uint8)
+    return [lookup[image.tobytes()] for image in pixels]

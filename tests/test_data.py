@@ -9,16 +9,18 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 from cifar_archive import cifar100_arrays, fine_label_names, write_cifar100_archive
-from data_helpers import index_lookup, indices_of, make_cfg
+from data_helpers import IDENTIFIABLE, index_lookup, indices_of, make_cfg
 
 import data
+from data.host_samples import TrainSamples
+from data.image_set import ImageSet
 from data.splits import load_split, validation_indices
 
 NUM_CLASSES = 10
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
+def odd_archive(tmp_path_factory):
     """30 training and 11 test images: sizes that divide by neither 2 nor 3 nor 4."""
     path = tmp_path_factory.mktemp("cifar") / "cifar-100-python.tar.gz"
     return write_cifar100_archive(path, num_train=30, num_test=11, seed=7, num_classes=NUM_CLASSES)
@@ -40,8 +42,8 @@ def normalised(images):
 # --- what comes out -------------------------------------------------------------------------------
 
 
-def test_host_training_batches_are_normalised_float_nchw(archive):
-    cfg = make_cfg(archive, img_size=40, micro_batch_size=5)
+def test_host_training_batches_are_normalised_float_nchw(odd_archive):
+    cfg = make_cfg(odd_archive, img_size=40, micro_batch_size=5)
     images, labels = next(data.TrainStream(cfg, rank=0, world_size=1))
     assert images.shape == [5, 3, 40, 40] and images.dtype == paddle.float32
     assert labels.shape == [5] and labels.dtype == paddle.int64
@@ -51,35 +53,48 @@ def test_host_training_batches_are_normalised_float_nchw(archive):
     assert values.min() < -0.9 and values.max() > 0.9
 
 
-def test_device_training_batches_are_uint8_pixels_and_boxes(archive):
-    cfg = make_cfg(archive, img_size=40, micro_batch_size=5, device_augment=True)
-    batch, labels = next(data.TrainStream(cfg, rank=0, world_size=1))
-    assert isinstance(batch, data.CropBatch)
-    assert batch.pixels.shape == [5, 3, 32, 32] and batch.pixels.dtype == paddle.uint8
-    assert batch.boxes.shape == [5, 4]
-    top, left, height, width = batch.boxes.numpy().T
-    assert (top >= 0).all() and (left >= 0).all() and (top + height <= 32).all() and (left + width <= 32).all()
-    images = data.build_batch_transform(cfg, train=True)(batch)
-    assert images.shape == [5, 3, 40, 40] and images.dtype == paddle.float32
+def test_device_path_hands_out_the_same_kind_of_batches(odd_archive):
+    """With data.device_augment the loaders finish the batches themselves: the model gets float32
+    NCHW images at img_size, normalised, as on the host path."""
+    cfg = make_cfg(odd_archive, img_size=40, micro_batch_size=5, eval_batch_size=4, device_augment=True)
+    for images, labels in (next(data.TrainStream(cfg, 0, 1)), next(iter(data.build_eval_loader(cfg, "test", 0, 1)))):
+        assert images.shape == [labels.shape[0], 3, 40, 40] and images.dtype == paddle.float32
+        assert labels.dtype == paddle.int64
+        values = images.numpy()
+        assert values.min() >= -1.0 - 1e-6 and values.max() <= 1.0 + 1e-6
+        assert values.min() < -0.9 and values.max() > 0.9
 
 
-def test_test_image_and_label_at_a_known_index(archive, arrays):
+def test_device_path_crop_boxes_lie_inside_the_image(arrays):
+    """What the host draws for the device path: the uint8 source image and a crop box within it."""
+    images, labels = arrays["train"]
+    settings = data.InputSettings.from_config(make_cfg(None, device_augment=True))
+    samples = TrainSamples(ImageSet(images, labels, (), "arrays"), settings)
+    for epoch, index in itertools.product(range(3), range(len(labels))):
+        pixels, box, label = samples[(epoch, index)]
+        np.testing.assert_array_equal(pixels, images[index])
+        assert label == labels[index] and box.dtype == np.float32
+        top, left, height, width = box
+        assert top >= 0 and left >= 0 and height > 0 and width > 0 and top + height <= 32 and left + width <= 32
+
+
+def test_test_image_and_label_at_a_known_index(odd_archive, arrays):
     """img_size 32 makes the eval resize the identity, so the expected tensor is just the archive's
     image (R, G, B planes in that order) normalised; a channel or axis mix-up changes it."""
     images, labels = arrays["test"]
-    loader = data.build_eval_loader(make_cfg(archive, eval_batch_size=4), "test", rank=0, world_size=1)
+    loader = data.build_eval_loader(make_cfg(odd_archive, eval_batch_size=4), "test", rank=0, world_size=1)
     batches = list(loader)
     got_images = np.concatenate([batch[0].numpy() for batch in batches])
     got_labels = np.concatenate([batch[1].numpy() for batch in batches])
     np.testing.assert_array_equal(got_labels, labels)
     np.testing.assert_allclose(got_images[6], normalised(images[6]), atol=1e-6)
     np.testing.assert_allclose(got_images, normalised(images), atol=1e-6)
-    assert loader.dataset.class_names == tuple(fine_label_names(NUM_CLASSES))
+    assert loader.class_names == tuple(fine_label_names(NUM_CLASSES))
 
 
-def test_eval_resize_is_bilinear_resize(archive, arrays):
+def test_eval_resize_is_bilinear_resize(odd_archive, arrays):
     images, _ = arrays["test"]
-    loader = data.build_eval_loader(make_cfg(archive, img_size=56, eval_batch_size=11), "test", 0, 1)
+    loader = data.build_eval_loader(make_cfg(odd_archive, img_size=56, eval_batch_size=11), "test", 0, 1)
     got = next(iter(loader))[0].numpy()
     expected = F.interpolate(
         paddle.to_tensor(normalised(images)), size=[56, 56], mode="bilinear", align_corners=False
@@ -97,17 +112,18 @@ def test_class_names_fall_back_when_meta_is_missing(tmp_path):
 
 
 def epoch_indices(cfg, rank, world_size, lookup, epochs=1):
-    """Per epoch, the list of batches (lists of training-set indices) one rank receives."""
+    """Per epoch, the list of batches (lists of training-set indices) one rank receives (cfg with
+    IDENTIFIABLE)."""
     stream = data.TrainStream(cfg, rank, world_size)
     batches = take(stream, stream.batches_per_epoch * epochs)
-    per_batch = [indices_of(batch.pixels.numpy(), lookup) for batch, _ in batches]
+    per_batch = [indices_of(batch.numpy(), lookup) for batch, _ in batches]
     return [per_batch[i * stream.batches_per_epoch : (i + 1) * stream.batches_per_epoch] for i in range(epochs)]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_training_shards_are_disjoint_equal_and_drop_only_the_tail(archive, arrays, world_size):
+def test_training_shards_are_disjoint_equal_and_drop_only_the_tail(odd_archive, arrays, world_size):
     micro_batch = 4
-    cfg = make_cfg(archive, micro_batch_size=micro_batch, device_augment=True)
+    cfg = make_cfg(odd_archive, micro_batch_size=micro_batch, **IDENTIFIABLE)
     lookup = index_lookup(arrays["train"][0])
     per_rank = [epoch_indices(cfg, rank, world_size, lookup)[0] for rank in range(world_size)]
     steps = 30 // (world_size * micro_batch)
@@ -120,10 +136,10 @@ def test_training_shards_are_disjoint_equal_and_drop_only_the_tail(archive, arra
     assert set(seen) <= set(range(30))
 
 
-def test_a_global_step_covers_the_same_images_for_any_world_size(archive, arrays):
+def test_a_global_step_covers_the_same_images_for_any_world_size(odd_archive, arrays):
     lookup = index_lookup(arrays["train"][0])
-    single = epoch_indices(make_cfg(archive, micro_batch_size=6, device_augment=True), 0, 1, lookup)[0]
-    cfg = make_cfg(archive, micro_batch_size=2, device_augment=True)
+    single = epoch_indices(make_cfg(odd_archive, micro_batch_size=6, **IDENTIFIABLE), 0, 1, lookup)[0]
+    cfg = make_cfg(odd_archive, micro_batch_size=2, **IDENTIFIABLE)
     per_rank = [epoch_indices(cfg, rank, 3, lookup)[0] for rank in range(3)]
     for step, batch in enumerate(single):
         assert list(itertools.chain(*(per_rank[rank][step] for rank in range(3)))) == batch
@@ -132,17 +148,17 @@ def test_a_global_step_covers_the_same_images_for_any_world_size(archive, arrays
 def test_every_epoch_is_a_new_order_of_the_same_images(tmp_path):
     path = write_cifar100_archive(tmp_path / "a.tar.gz", 24, 4, num_classes=NUM_CLASSES)
     lookup = index_lookup(cifar100_arrays(24, 4, num_classes=NUM_CLASSES)["train"][0])
-    cfg = make_cfg(path, micro_batch_size=4, device_augment=True)
+    cfg = make_cfg(path, micro_batch_size=4, **IDENTIFIABLE)
     epochs = [list(itertools.chain(*batches)) for batches in epoch_indices(cfg, 0, 1, lookup, epochs=3)]
     for order in epochs:
         assert sorted(order) == list(range(24))
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
 
 
-def test_order_depends_on_the_seed_only(archive, arrays):
+def test_order_depends_on_the_seed_only(odd_archive, arrays):
     lookup = index_lookup(arrays["train"][0])
     orders = {
-        seed: [epoch_indices(make_cfg(archive, seed=seed, device_augment=True), 0, 1, lookup, 2) for _ in range(2)]
+        seed: [epoch_indices(make_cfg(odd_archive, seed=seed, **IDENTIFIABLE), 0, 1, lookup, 2) for _ in range(2)]
         for seed in (0, 1)
     }
     assert orders[0][0] == orders[0][1] and orders[1][0] == orders[1][1]
@@ -159,8 +175,8 @@ def assert_same_batches(first, second):
         np.testing.assert_array_equal(images_a.numpy(), images_b.numpy())
 
 
-def test_resumed_stream_continues_with_the_same_images_labels_and_crops(archive):
-    cfg = make_cfg(archive, img_size=24, micro_batch_size=4)
+def test_resumed_stream_continues_with_the_same_images_labels_and_crops(odd_archive):
+    cfg = make_cfg(odd_archive, img_size=24, micro_batch_size=4)
     original = data.TrainStream(cfg, rank=0, world_size=1)
     consumed = 9  # 7 micro-batches per epoch (30 // 4): the resume point is inside epoch 1
     take(original, consumed)
@@ -173,18 +189,18 @@ def test_resumed_stream_continues_with_the_same_images_labels_and_crops(archive)
     assert_same_batches(take(resumed, 8), expected)
 
 
-def test_worker_processes_give_the_same_batches_and_resume(archive):
+def test_worker_processes_give_the_same_batches_and_resume(odd_archive):
     """Crops come from per-sample generators, so worker count and process boundaries don't matter."""
-    cfg = make_cfg(archive, img_size=24, micro_batch_size=4)
+    cfg = make_cfg(odd_archive, img_size=24, micro_batch_size=4)
     in_process = data.TrainStream(cfg, rank=0, world_size=1)
     expected = take(in_process, 10)
 
-    with_workers = data.TrainStream(make_cfg(archive, img_size=24, micro_batch_size=4, num_workers=2), 0, 1)
+    with_workers = data.TrainStream(make_cfg(odd_archive, img_size=24, micro_batch_size=4, num_workers=2), 0, 1)
     first = take(with_workers, 3)
     state = with_workers.state_dict()
     del with_workers  # dropping the stream stops its workers, as close() does below
     assert not multiprocessing.active_children()
-    resumed = data.TrainStream(make_cfg(archive, img_size=24, micro_batch_size=4, num_workers=2), 0, 1)
+    resumed = data.TrainStream(make_cfg(odd_archive, img_size=24, micro_batch_size=4, num_workers=2), 0, 1)
     resumed.set_state_dict(state)
     rest = take(resumed, 7)
     assert multiprocessing.active_children()
@@ -193,23 +209,23 @@ def test_worker_processes_give_the_same_batches_and_resume(archive):
     assert_same_batches(first + rest, expected)
 
 
-def test_resume_with_another_world_size_continues_the_global_order(archive, arrays):
+def test_resume_with_another_world_size_continues_the_global_order(odd_archive, arrays):
     lookup = index_lookup(arrays["train"][0])
-    single = data.TrainStream(make_cfg(archive, micro_batch_size=4, device_augment=True), 0, 1)
+    single = data.TrainStream(make_cfg(odd_archive, micro_batch_size=4, **IDENTIFIABLE), 0, 1)
     take(single, 2)
     state = single.state_dict()
-    following = indices_of(next(single)[0].pixels.numpy(), lookup)
+    following = indices_of(next(single)[0].numpy(), lookup)
 
     halves = []
     for rank in range(2):
-        stream = data.TrainStream(make_cfg(archive, micro_batch_size=2, device_augment=True), rank, 2)
+        stream = data.TrainStream(make_cfg(odd_archive, micro_batch_size=2, **IDENTIFIABLE), rank, 2)
         stream.set_state_dict(state)
-        halves.extend(indices_of(next(stream)[0].pixels.numpy(), lookup))
+        halves.extend(indices_of(next(stream)[0].numpy(), lookup))
     assert halves == following
 
 
-def test_set_state_dict_accepts_the_minimal_form(archive):
-    cfg = make_cfg(archive, micro_batch_size=4)
+def test_set_state_dict_accepts_the_minimal_form(odd_archive):
+    cfg = make_cfg(odd_archive, micro_batch_size=4)
     stream = data.TrainStream(cfg, 0, 1)
     stream.set_state_dict({"epoch": 2, "batches_in_epoch": 3})
     assert stream.state_dict()["epoch"] == 2 and stream.state_dict()["batches_in_epoch"] == 3
@@ -221,15 +237,15 @@ def test_set_state_dict_accepts_the_minimal_form(archive):
 
 
 def eval_indices(cfg, split, rank, world_size, lookup):
-    """The indices, in order, of the images one rank's eval loader yields (device path: uint8)."""
+    """The indices, in order, of the images one rank's eval loader yields (cfg with IDENTIFIABLE)."""
     loader = data.build_eval_loader(cfg, split, rank, world_size)
-    return [index for pixels, _ in loader for index in indices_of(pixels.numpy(), lookup)]
+    return [index for images, _ in loader for index in indices_of(images.numpy(), lookup)]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_eval_shards_cover_every_image_exactly_once(archive, arrays, world_size):
+def test_eval_shards_cover_every_image_exactly_once(odd_archive, arrays, world_size):
     lookup = index_lookup(arrays["test"][0])
-    cfg = make_cfg(archive, eval_batch_size=2, device_augment=True)
+    cfg = make_cfg(odd_archive, eval_batch_size=2, **IDENTIFIABLE)
     shards = [eval_indices(cfg, "test", rank, world_size, lookup) for rank in range(world_size)]
     sizes = [len(shard) for shard in shards]
     assert max(sizes) - min(sizes) <= 1
@@ -243,18 +259,18 @@ def test_validation_split_is_disjoint_balanced_and_fixed_by_the_seed(tmp_path):
     path = write_cifar100_archive(tmp_path / "a.tar.gz", 60, 4, num_classes=NUM_CLASSES)
     train_images, train_labels = cifar100_arrays(60, 4, num_classes=NUM_CLASSES)["train"]
     lookup = index_lookup(train_images)
-    cfg = make_cfg(path, val_size=23, device_augment=True)
+    cfg = make_cfg(path, val_size=23, **IDENTIFIABLE)
 
     val = eval_indices(cfg, "val", 0, 1, lookup)
-    stream = data.TrainStream(make_cfg(path, val_size=23, device_augment=True, micro_batch_size=1), 0, 1)
-    train = set(itertools.chain(*(indices_of(batch.pixels.numpy(), lookup) for batch, _ in take(stream, 37))))
+    stream = data.TrainStream(make_cfg(path, val_size=23, **IDENTIFIABLE, micro_batch_size=1), 0, 1)
+    train = set(itertools.chain(*(indices_of(batch.numpy(), lookup) for batch, _ in take(stream, 37))))
     assert len(val) == len(set(val)) == 23
     assert train.isdisjoint(val) and train | set(val) == set(range(60))
 
     counts = np.bincount(train_labels[val], minlength=NUM_CLASSES)
     assert counts.max() - counts.min() <= 1  # every class has 6 images, so 2 or 3 of each
     assert eval_indices(cfg, "val", 0, 1, lookup) == val
-    assert eval_indices(make_cfg(path, val_size=23, device_augment=True, seed=1), "val", 0, 1, lookup) != val
+    assert eval_indices(make_cfg(path, val_size=23, **IDENTIFIABLE, seed=1), "val", 0, 1, lookup) != val
 
 
 def water_filling_counts(class_sizes, total):
@@ -286,8 +302,8 @@ def test_digits_splits_sizes_classes_and_pixels():
     test_loader = data.build_eval_loader(make_cfg(None, dataset="digits", eval_batch_size=300), "test", 0, 1)
     _, test_labels = next(iter(test_loader))
     stream = data.TrainStream(cfg, 0, 1)
-    assert stream.num_images == 1497 and len(test_loader.dataset) == 300
-    assert stream.num_images + len(test_loader.dataset) == 1797
+    assert stream.num_images == 1497 and test_loader.num_images == 300
+    assert stream.num_images + test_loader.num_images == 1797
     assert np.bincount(test_labels.numpy(), minlength=10).tolist() == [30] * 10
     assert data.class_names(cfg) == tuple(str(digit) for digit in range(10))
 
@@ -308,7 +324,7 @@ def test_digits_splits_sizes_classes_and_pixels():
 def test_more_ranks_than_images_leaves_empty_shards(tmp_path):
     path = write_cifar100_archive(tmp_path / "a.tar.gz", 8, 2, num_classes=NUM_CLASSES)
     lookup = index_lookup(cifar100_arrays(8, 2, num_classes=NUM_CLASSES)["test"][0])
-    cfg = make_cfg(path, device_augment=True)
+    cfg = make_cfg(path, **IDENTIFIABLE)
     shards = [eval_indices(cfg, "test", rank, 3, lookup) for rank in range(3)]
     assert sorted(len(shard) for shard in shards) == [0, 1, 1]
     assert sorted(itertools.chain(*shards)) == [0, 1]

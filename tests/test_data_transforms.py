@@ -1,5 +1,6 @@
 """Crop sampling and resampling: the host transforms, the device-side batch transform, and their
-agreement with each other, with Paddle's RandomResizedCrop and with plain bilinear resize."""
+agreement with each other (also through the loaders), with Paddle's RandomResizedCrop and with plain
+bilinear resize."""
 
 import itertools
 import math
@@ -15,6 +16,8 @@ from paddle.vision.transforms import RandomResizedCrop
 
 import data
 from data.device_transform import resize_batch, resized_crop_batch
+from data.host_samples import TrainSamples
+from data.image_set import ImageSet
 from data.transforms import CropBox, resized_crop, sample_crop_box, whole_image_box
 
 DRAWS = 4000
@@ -123,50 +126,42 @@ def test_whole_image_crop_is_plain_bilinear_resize(out_size):
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
+def six_batch_archive(tmp_path_factory):
+    """24 training images: 6 micro-batches of 4 per epoch; 10 test images."""
     path = tmp_path_factory.mktemp("cifar") / "cifar-100-python.tar.gz"
     return write_cifar100_archive(path, num_train=24, num_test=10, seed=4, num_classes=10)
 
 
-def test_device_eval_path_equals_host_eval_path(archive):
-    host_cfg = make_cfg(archive, img_size=56, eval_batch_size=4)
-    device_cfg = make_cfg(archive, img_size=56, eval_batch_size=4, device_augment=True)
+def test_device_eval_path_equals_host_eval_path(six_batch_archive):
+    host_cfg = make_cfg(six_batch_archive, img_size=56, eval_batch_size=4)
+    device_cfg = make_cfg(six_batch_archive, img_size=56, eval_batch_size=4, device_augment=True)
     host = [(images.numpy(), labels.numpy()) for images, labels in data.build_eval_loader(host_cfg, "test", 0, 1)]
-    to_model = data.build_batch_transform(device_cfg, train=False)
-    device_loader = data.build_eval_loader(device_cfg, "test", 0, 1)
-    device = [(to_model(pixels).numpy(), labels.numpy()) for pixels, labels in device_loader]
+    device = [(images.numpy(), labels.numpy()) for images, labels in data.build_eval_loader(device_cfg, "test", 0, 1)]
     assert len(host) == len(device) == 3
     for (host_images, host_labels), (device_images, device_labels) in zip(host, device):
         np.testing.assert_array_equal(host_labels, device_labels)
         np.testing.assert_allclose(device_images, host_images, atol=1e-5)
 
 
-def test_device_training_path_reproduces_the_host_crops(archive):
+def test_device_training_path_reproduces_the_host_crops(six_batch_archive):
     """Both paths draw each crop from the same per-sample generator, so switching
     data.device_augment changes where the work runs, not what the model sees."""
-    host = data.TrainStream(make_cfg(archive, img_size=48, micro_batch_size=4), 0, 1)
-    device_cfg = make_cfg(archive, img_size=48, micro_batch_size=4, device_augment=True)
-    device = data.TrainStream(device_cfg, 0, 1)
-    to_model = data.build_batch_transform(device_cfg, train=True)
+    host = data.TrainStream(make_cfg(six_batch_archive, img_size=48, micro_batch_size=4), 0, 1)
+    device = data.TrainStream(make_cfg(six_batch_archive, img_size=48, micro_batch_size=4, device_augment=True), 0, 1)
     for _ in range(8):  # 6 micro-batches per epoch: crosses into epoch 1
         host_images, host_labels = next(host)
-        device_batch, device_labels = next(device)
+        device_images, device_labels = next(device)
         np.testing.assert_array_equal(host_labels.numpy(), device_labels.numpy())
-        np.testing.assert_allclose(to_model(device_batch).numpy(), host_images.numpy(), atol=1e-5)
+        np.testing.assert_allclose(device_images.numpy(), host_images.numpy(), atol=1e-5)
 
 
-def test_training_crops_vary_between_epochs_and_samples(archive):
+def test_training_crops_vary_between_epochs_and_samples():
     """Reproducible must not mean constant: the same image gets new crops in a new epoch."""
-    stream = data.TrainStream(make_cfg(archive, micro_batch_size=4, device_augment=True), 0, 1)
-    boxes_by_image = {}
-    for _ in range(6 * 3):
-        batch, _ = next(stream)
-        for pixels, box in zip(batch.pixels.numpy(), batch.boxes.numpy()):
-            boxes_by_image.setdefault(pixels.tobytes(), []).append(tuple(box))
-    assert all(len(set(boxes)) > 1 for boxes in boxes_by_image.values())
-
-
-def test_host_path_batch_transform_is_identity(archive):
-    images = paddle.rand([2, 3, 8, 8])
-    for train in (True, False):
-        assert data.build_batch_transform(make_cfg(archive), train=train)(images) is images
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, size=(6, 3, 32, 32), dtype=np.uint8)
+    settings = data.InputSettings.from_config(make_cfg(None, device_augment=True))
+    samples = TrainSamples(ImageSet(images, np.zeros(6, np.int64), (), "random"), settings)
+    for index in range(6):
+        boxes = {tuple(samples[(epoch, index)][1]) for epoch in range(3)}
+        assert len(boxes) > 1, index
+    assert len({tuple(samples[(0, index)][1]) for index in range(6)}) > 1

@@ -12,8 +12,8 @@ from PIL import Image
 from run_helpers import load_script
 
 import data
+from data.host_samples import EvalSamples
 from data.image_set import ImageSet
-from data.samples import EvalSamples
 from data.settings import InputSettings
 
 NUM_TRAIN, NUM_TEST = 48, 21

@@ -1,6 +1,7 @@
-"""Map-style datasets that turn a sample key into what one image contributes to a batch.
+"""The host's share of the input path: map-style datasets that turn a sample key into what one image
+contributes to a batch (run in the loader's workers).
 
-Training keys are (epoch, index) pairs from `data.sampler.TrainBatchSampler`; the crop of a sample
+Training keys are (epoch, index) pairs from `data.sharding.TrainBatchSampler`; the crop of a sample
 is drawn from a generator derived from (train.seed, epoch, index) alone, so augmentation does not
 depend on which worker process reads the sample or on what was read before (no worker seeding
 needed, and a resumed stream gets the same crops). Evaluation keys are plain indices.
@@ -22,7 +23,6 @@ class TrainSamples(paddle.io.Dataset):
     def __init__(self, image_set, settings):
         super().__init__()
         self.image_set = image_set
-        self.class_names = image_set.class_names
         self._seed = settings.seed
         self._scale = settings.crop_scale
         self._size = settings.img_size
@@ -46,7 +46,6 @@ class EvalSamples(paddle.io.Dataset):
     def __init__(self, image_set, settings):
         super().__init__()
         self.image_set = image_set
-        self.class_names = image_set.class_names
         self._size = settings.img_size
         self._device_augment = settings.device_augment
 

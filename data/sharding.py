@@ -1,4 +1,4 @@
-"""Which images each rank reads: an endless, sharded, reshuffled training order and exact eval shards.
+"""Which images each rank reads: an endless, sharded, reshuffled training order and eval shards.
 
 Training: epoch e visits the training set in the permutation drawn from (train.seed, e), the same
 on every rank and for every world size. Global micro-step s takes the next world_size *
