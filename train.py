@@ -17,16 +17,15 @@ import math
 import os
 import time
 
-from rdrop import checkpoint, config, distributed, evaluation, logs, optim, precision, runtime
+from rdrop import checkpoint, config, distributed, evaluation, logs, runtime
 from rdrop.errors import UserError, exit_on_user_error
 from rdrop.preemption import StopRequest
-from rdrop.step import LOSS_NAMES, TrainStep, accumulation_steps, compile_model
+from rdrop.step import LOSS_NAMES, accumulation_steps, build_trainer
 
 import numpy as np
 import paddle
 
 import data
-import models
 
 logger = logging.getLogger("train")
 
@@ -68,7 +67,7 @@ def main(argv=None):
     train_cfg = cfg["train"]
     cpu_threads = runtime.configure_cpu(train_cfg["cpu_threads"])
     context = distributed.init()
-    accumulation = accumulation_steps(train_cfg, context.world_size)
+    accumulation = accumulation_steps(train_cfg, context.world_size)  # checked before anything is written
     output_dir = train_cfg["output_dir"]
     resume_from = checkpoint.resolve_resume(train_cfg)
     if context.is_main:
@@ -84,13 +83,17 @@ def main(argv=None):
         f"; {cpu_threads} CPU threads per process" if cpu_threads else "",
     )
 
-    # Model, optimizer, loss. Every rank builds the same initial weights; fleet broadcasts rank 0's anyway.
-    paddle.seed(train_cfg["seed"])
-    model = models.build_model(cfg["model"])
-    model.recompute = train_cfg["recompute"]
-    model = compile_model(model, train_cfg["to_static"])
-    optimizer, scheduler = optim.build(cfg["optimizer"], cfg["schedule"], model)
-    scaler = precision.loss_scaler(train_cfg["amp"])
+    # Model, optimizer, loss scaler and the step that runs them (rdrop/step.py). A resumed run puts its
+    # checkpoint into them before the distributed wrap, at which fleet broadcasts rank 0's parameters.
+    resumed = checkpoint.load(resume_from) if resume_from is not None else None
+
+    def restore(model, optimizer, scaler):
+        model_state, optimizer_state, trainer_state = resumed
+        checkpoint.restore_model(model, model_state, resume_from)
+        checkpoint.restore_optimizer(optimizer, model, optimizer_state)
+        scaler.load_state_dict(trainer_state["loss_scaler"])
+
+    trainer = build_trainer(cfg, context, restore if resumed is not None else None)
 
     # Data: an endless, sharded, resumable stream of model-ready training micro-batches, and the
     # selection split.
@@ -109,15 +112,11 @@ def main(argv=None):
     )
 
     step, best, bad_steps = 0, None, 0
-    if resume_from is not None:
-        model_state, optimizer_state, trainer_state = checkpoint.load(resume_from)
-        checkpoint.restore_model(model, model_state, resume_from)
-        checkpoint.restore_optimizer(optimizer, model, optimizer_state)
-        scaler.load_state_dict(trainer_state["loss_scaler"])
+    if resumed is not None:
+        _, _, trainer_state = resumed
         stream.set_state_dict(trainer_state["data"])
         step, best = trainer_state["step"], trainer_state["best"]
         logger.info("Resumed from %s at step %d", resume_from, step)
-    ddp_model, optimizer = distributed.wrap(model, optimizer, context)
     writer = logs.MetricsWriter(context, output_dir)
     stop = StopRequest().install()
     watchdog = distributed.RankWatchdog(context)
@@ -127,18 +126,18 @@ def main(argv=None):
             checkpoint.save(
                 output_dir,
                 step,
-                model.state_dict(),
-                checkpoint.portable_optimizer_state(optimizer, model),
-                {"data": stream.state_dict(), "best": best, "loss_scaler": scaler.state_dict()},
+                trainer.model.state_dict(),
+                checkpoint.portable_optimizer_state(trainer.optimizer, trainer.model),
+                {"data": stream.state_dict(), "best": best, "loss_scaler": trainer.scaler.state_dict()},
                 keep=train_cfg["keep_checkpoints"],
             )
 
     def evaluate_and_select():
         nonlocal best
         metrics = evaluation.evaluate(
-            ddp_model, selection_loader, cfg["model"]["num_classes"], context, train_cfg["amp"]
+            trainer.ddp_model, selection_loader, cfg["model"]["num_classes"], context, train_cfg["amp"]
         )
-        checksums = distributed.parameter_checksums(model, context)
+        checksums = distributed.parameter_checksums(trainer.model, context)
         drift = float(np.max(np.abs(checksums - checksums[0])))
         logger.info(
             "eval step %d on %s: top1 %.2f  top5 %.2f  loss %.4f  (%d images; parameter checksum "
@@ -157,19 +156,18 @@ def main(argv=None):
         if improved:
             best = {"step": step, "split": selection_split, **{k: metrics[k] for k in ("top1", "top5", "loss")}}
             if context.is_main:
-                checkpoint.save_best(output_dir, model.state_dict(), best)
+                checkpoint.save_best(output_dir, trainer.model.state_dict(), best)
         return metrics
 
     # The loop: one optimizer step over `accumulation` micro-batches, then logging, evaluation, saving.
-    train_step = TrainStep(cfg, model, ddp_model, optimizer, scheduler, scaler, context, accumulation)
     total_steps = cfg["schedule"]["total_steps"]
     window = {name: paddle.zeros([], dtype="float32") for name in LOSS_NAMES}
     window_start, window_steps = time.perf_counter(), 0
     stop_requested = False
-    ddp_model.train()
+    trainer.ddp_model.train()
     while step < total_steps:
         paddle.seed(dropout_seed(train_cfg["seed"], context.rank, step))
-        outcome = train_step(itertools.islice(stream, accumulation), stop.requested)
+        outcome = trainer.train_step(itertools.islice(stream, accumulation), stop.requested)
         nonfinite, stop_requested = outcome["nonfinite"], outcome["stop"]
         for name in window:
             window[name] += outcome["losses"][name]
@@ -191,7 +189,7 @@ def main(argv=None):
             values = {
                 name: float(total) / window_steps
                 for name, total in window.items()
-                if name != "kl" or train_step.criterion.needs_two_samples
+                if name != "kl" or trainer.train_step.criterion.needs_two_samples
             }
             values.update(lr=outcome["lr"], grad_norm=float(outcome["grad_norm"]))
             elapsed = time.perf_counter() - window_start
@@ -216,7 +214,9 @@ def main(argv=None):
     stream.close()
     if selection_split == "val" and not stop_requested:
         test_loader = data.build_eval_loader(cfg, "test", context.rank, context.world_size)
-        test = evaluation.evaluate(ddp_model, test_loader, cfg["model"]["num_classes"], context, train_cfg["amp"])
+        test = evaluation.evaluate(
+            trainer.ddp_model, test_loader, cfg["model"]["num_classes"], context, train_cfg["amp"]
+        )
         logger.info(
             "final weights on test: top1 %.2f  top5 %.2f (the best-on-val weights: python eval.py --checkpoint %s)",
             test["top1"],

@@ -1,5 +1,6 @@
-"""One optimizer step of R-Drop training, and the model it runs, shared by train.py and
-scripts/benchmark.py.
+"""The trainer train.py runs, built in one place so that scripts/benchmark.py and the tests run the same:
+`build_trainer` makes the model, optimizer, schedule, loss scaler, distributed wrapper and the
+`TrainStep` that drives them.
 
 A step accumulates gradients over `accumulation` micro-batches (the all-reduce of the data-parallel
 model runs only on the last one), unscales them (fp16), clips them to the global norm and applies
@@ -9,12 +10,17 @@ asked to stop, which every rank must agree on before it decides what to do next.
 """
 
 import contextlib
+from dataclasses import dataclass
+from typing import Any
 
 from rdrop import distributed, optim, precision
 from rdrop.errors import UserError
 from rdrop.loss import RDropLoss, rdrop_logits
+from rdrop.schedule import WarmupDecay
 
 import paddle
+
+import models
 
 LOSS_NAMES = ("loss", "ce", "kl")
 
@@ -91,3 +97,40 @@ class TrainStep:
         lr = self.scheduler.get_lr()
         self.scheduler.step()
         return {"losses": losses, "grad_norm": grad_norm, "lr": lr, "nonfinite": bool(nonfinite), "stop": bool(stop)}
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """What `build_trainer` returns. `model` is the bare model (its state_dict is what checkpoints hold);
+    `ddp_model` is what the step runs: the same model, wrapped for data parallelism on several processes;
+    `optimizer` is the (wrapped) optimizer the step updates with."""
+
+    model: paddle.nn.Layer
+    ddp_model: paddle.nn.Layer
+    optimizer: Any  # a paddle.optimizer.Optimizer, or fleet's wrapper of one
+    scheduler: WarmupDecay
+    scaler: paddle.amp.GradScaler
+    accumulation: int
+    train_step: TrainStep
+
+
+def build_trainer(cfg, context, restore=None):
+    """Build everything one optimizer step needs, for this process's place in the job (`context`).
+
+    Every rank draws the same initial weights from train.seed. `restore(model, optimizer, scaler)`,
+    when given, runs after they are built and before the distributed wrap: that is where a resumed run
+    puts its checkpoint in, because fleet broadcasts rank 0's parameters to every rank at the wrap.
+    """
+    train_cfg = cfg["train"]
+    accumulation = accumulation_steps(train_cfg, context.world_size)
+    paddle.seed(train_cfg["seed"])
+    model = models.build_model(cfg["model"])
+    model.recompute = train_cfg["recompute"]
+    model = compile_model(model, train_cfg["to_static"])
+    optimizer, scheduler = optim.build(cfg["optimizer"], cfg["schedule"], model)
+    scaler = precision.loss_scaler(train_cfg["amp"])
+    if restore is not None:
+        restore(model, optimizer, scaler)
+    ddp_model, optimizer = distributed.wrap(model, optimizer, context)
+    train_step = TrainStep(cfg, model, ddp_model, optimizer, scheduler, scaler, context, accumulation)
+    return Trainer(model, ddp_model, optimizer, scheduler, scaler, accumulation, train_step)

@@ -6,8 +6,8 @@
     python scripts/benchmark.py --config CFG --recompute --json out.json   # + what recompute saves
 
 The model, loss, optimizer, loss scaler, AMP and `train.to_static` settings are built from the config
-as train.py builds them, and every training step is a call of `rdrop.step.TrainStep`, the step
-train.py runs. Random images and labels of the config's shape replace the data
+by `rdrop.step.build_trainer`, the builder train.py uses, and every training step is a call of its
+`TrainStep`, the step train.py runs. Random images and labels of the config's shape replace the data
 (scripts/benchmark_input.py measures the input path), and `model.pretrained` is ignored: the weights
 do not change the speed. One process on the current device (no launcher).
 
@@ -49,9 +49,9 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from rdrop import config, distributed, optim, precision, runtime
+from rdrop import config, distributed, precision, runtime
 from rdrop.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error
-from rdrop.step import TrainStep, accumulation_steps, compile_model
+from rdrop.step import build_trainer
 
 import paddle
 
@@ -129,11 +129,6 @@ def mode_config(cfg, mode, compare_recompute):
     return cfg
 
 
-def synchronize():
-    if paddle.get_device() != "cpu":  # CPU kernels are synchronous; synchronize() rejects "cpu"
-        paddle.device.synchronize()
-
-
 def timed(function, steps, warmup):
     for _ in range(warmup):
         function()
@@ -145,6 +140,11 @@ def timed(function, steps, warmup):
         synchronize()
         durations.append(time.perf_counter() - start)
     return durations
+
+
+def synchronize():
+    if paddle.get_device() != "cpu":  # CPU kernels are synchronous; synchronize() rejects "cpu"
+        paddle.device.synchronize()
 
 
 def random_batch(cfg, batch_size):
@@ -166,34 +166,24 @@ def measure(cfg, mode, steps, warmup):
     """One mode in this process: the durations and peak memory, as a dict."""
     train_cfg = cfg["train"]
     threads = runtime.configure_cpu(train_cfg["cpu_threads"])
-    context = distributed.Context(0, 1)
-    accumulation = accumulation_steps(train_cfg, context.world_size)
-    # As train.py builds them (no resume, a single process).
-    paddle.seed(train_cfg["seed"])
-    model = models.build_model(cfg["model"])
-    model.recompute = train_cfg["recompute"]
-    model = compile_model(model, train_cfg["to_static"])
+    trainer = build_trainer(cfg, distributed.init())
     load_before = os.getloadavg()
     if mode == "eval":
         images, _ = random_batch(cfg, cfg["eval"]["batch_size"])
-        model.eval()
+        trainer.ddp_model.eval()
 
         @paddle.no_grad()
         def run():
             with precision.autocast(train_cfg["amp"]):
-                model(images)
+                trainer.ddp_model(images)
 
         images_per_step = cfg["eval"]["batch_size"]
     else:
-        optimizer, scheduler = optim.build(cfg["optimizer"], cfg["schedule"], model)
-        scaler = precision.loss_scaler(train_cfg["amp"])
-        ddp_model, optimizer = distributed.wrap(model, optimizer, context)
-        train_step = TrainStep(cfg, model, ddp_model, optimizer, scheduler, scaler, context, accumulation)
-        micro_batches = [random_batch(cfg, train_cfg["micro_batch_size"])] * accumulation
-        ddp_model.train()
+        micro_batches = [random_batch(cfg, train_cfg["micro_batch_size"])] * trainer.accumulation
+        trainer.ddp_model.train()
 
         def run():
-            train_step(micro_batches)
+            trainer.train_step(micro_batches)
 
         images_per_step = train_cfg["global_batch_size"]
     durations = timed(run, steps, warmup)

@@ -4,10 +4,10 @@ dropout samples exactly, and a static-program model that computes what the eager
 
 import contextlib
 
-from rdrop import config, distributed, optim, precision
+from rdrop import config, distributed
 from rdrop.errors import UserError
 from rdrop.loss import RDropLoss
-from rdrop.step import TrainStep, compile_model
+from rdrop.step import TrainStep, build_trainer, compile_model
 
 import numpy as np
 import paddle
@@ -82,16 +82,9 @@ def tiny_cfg(**train):
 
 
 def build_step(cfg):
-    paddle.seed(0)
-    model = models.build_model(cfg["model"])
-    model.recompute = cfg["train"]["recompute"]
-    model.train()
-    optimizer, scheduler = optim.build(cfg["optimizer"], cfg["schedule"], model)
-    accumulation = cfg["train"]["global_batch_size"] // cfg["train"]["micro_batch_size"]
-    step = TrainStep(
-        cfg, model, model, optimizer, scheduler, precision.loss_scaler("none"), distributed.Context(0, 1), accumulation
-    )
-    return model, step, accumulation
+    trainer = build_trainer(cfg, distributed.Context(0, 1))
+    trainer.ddp_model.train()
+    return trainer.model, trainer.train_step, trainer.accumulation
 
 
 def micro_batches(count, seed=1):
@@ -157,7 +150,7 @@ def host_reads_in_train_loop(tmp_path, archive, monkeypatch):
             marks.append(counter["reads"])
             return outcome
 
-    monkeypatch.setattr(train, "TrainStep", RecordingStep)
+    monkeypatch.setattr("rdrop.step.TrainStep", RecordingStep)
     path = tiny_config(
         tmp_path,
         archive,

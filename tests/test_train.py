@@ -3,8 +3,9 @@ the learning rate actually used, and the multi-process path through Paddle's lau
 
 import json
 
-from rdrop import checkpoint
+from rdrop import checkpoint, distributed
 
+import paddle
 import pytest
 from run_helpers import assert_same_weights, final_weights, launch, tiny_config
 
@@ -40,15 +41,38 @@ def test_a_run_writes_every_output(tmp_path, archive):
     assert [record.id for record in reader.get_data("scalar", "train/loss")] == [2, 4, 6]
 
 
-def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, archive):
+def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, archive, monkeypatch):
     train.main(["--config", tiny_config(tmp_path, archive, "full")])
     _, uninterrupted = final_weights(tmp_path / "full")
-    # Resume a second run from the step-3 checkpoint the first run wrote.
+    # Resume a second run from the step-3 checkpoint the first run wrote, recording the weights the
+    # distributed wrap receives: fleet broadcasts rank 0's parameters there, so they must be the
+    # checkpoint's already.
     resume_from = tmp_path / "full" / "checkpoints" / "step_3"
+    wrapped, wrap = [], distributed.wrap
+
+    def recording_wrap(model, optimizer, context):
+        wrapped.append({name: value.numpy() for name, value in model.state_dict().items()})
+        return wrap(model, optimizer, context)
+
+    monkeypatch.setattr(distributed, "wrap", recording_wrap)
     train.main(["--config", tiny_config(tmp_path, archive, "resumed"), "-o", f"train.resume={resume_from}"])
     step, resumed = final_weights(tmp_path / "resumed")
     assert step == 6
     assert_same_weights(uninterrupted, resumed)
+    saved = paddle.load(str(resume_from / checkpoint.MODEL_FILE))
+    assert len(wrapped) == 1
+    assert_same_weights(wrapped[0], {name: value.numpy() for name, value in saved.items()})
+
+
+def test_device_augment_trains_as_the_host_path_does(tmp_path, archive):
+    """data.device_augment moves the crops onto the device; the model must see the same images."""
+    short = {"schedule": {"warmup_steps": 1, "total_steps": 2}, "train": {"eval_every": 0, "save_every": 0}}
+    train.main(["--config", tiny_config(tmp_path, archive, "host", **short)])
+    short["data"] = {"device_augment": True}
+    train.main(["--config", tiny_config(tmp_path, archive, "device", **short)])
+    host, device = final_weights(tmp_path / "host"), final_weights(tmp_path / "device")
+    assert host[0] == device[0] == 2
+    assert_same_weights(host[1], device[1], atol=1e-5)
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, archive):
