@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 MEMBER_ROOT = "cifar-100-python"
-SPLITS = ("train", "test")
 IMAGE_SIDE = 32
 HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 # paddle.dataset.common.download() stores a file under DATA_HOME/<module name>/<URL basename>.

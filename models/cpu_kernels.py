@@ -19,6 +19,8 @@ import pathlib
 import platform
 import tempfile
 
+from rdrop import runtime
+
 import paddle
 
 logger = logging.getLogger(__name__)
@@ -32,20 +34,12 @@ _PADDLE_LIBS = pathlib.Path(paddle.__file__).parent / "libs"
 LINK_FLAGS = [f"-L{_PADDLE_LIBS}", "-liomp5", f"-Wl,-rpath,{_PADDLE_LIBS}"]
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
 def build_name():
     digest = hashlib.sha256()
     for part in (
         SOURCE.read_bytes(),
         " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(),
-        _cpu_model().encode(),
+        (runtime.cpu_info("model name") or platform.processor()).encode(),
         paddle.__version__.encode(),
     ):
         digest.update(part)

@@ -16,11 +16,20 @@ VISUALDL_DIR = "vdl"
 
 def setup(context, output_dir=None):
     """Route all `logging` output: rank 0 to stdout (and output_dir/train.log), others warnings only."""
+    _route(context.rank, output_dir)
+
+
+def setup_single_process():
+    """Route all `logging` output of a tool that always runs as one process (a script) to stdout."""
+    _route(0, None)
+
+
+def _route(rank, output_dir):
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(logging.INFO)
-    if context.is_main:
+    if rank == 0:
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         root.addHandler(console)
@@ -31,7 +40,7 @@ def setup(context, output_dir=None):
     else:
         console = logging.StreamHandler(sys.stderr)
         console.setLevel(logging.WARNING)
-        console.setFormatter(logging.Formatter(f"[rank {context.rank}] %(levelname)s %(message)s"))
+        console.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
         root.addHandler(console)
 
 

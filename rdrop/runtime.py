@@ -1,4 +1,5 @@
-"""Process-level CPU settings, applied once before the first operator runs.
+"""Process-level device settings: the CPU settings, applied once before the first operator runs, and
+waiting for the device to finish its queued work (for timing).
 
 Paddle sets OMP_NUM_THREADS=1 at import when it is unset (and `paddle.distributed.launch` sets it for
 every worker), so by default a CPU run uses one core. We size the math thread pool ourselves: the
@@ -28,12 +29,15 @@ import paddle
 logger = logging.getLogger(__name__)
 
 
-def _cpu_vendor():
+def cpu_info(field):
+    """The value of `field` (e.g. "vendor_id", "model name") for the first CPU in /proc/cpuinfo, or ""
+    where there is no such file or field (not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                name, _, value = line.partition(":")
+                if name.strip() == field:
+                    return value.strip()
     except OSError:
         pass
     return ""
@@ -61,7 +65,7 @@ def configure_cpu(threads=None):
     """Set the math threads of this process (auto when None) and the CPU speed settings; returns threads."""
     if paddle.device.get_device() != "cpu":
         return threads
-    if _cpu_vendor() == "AuthenticAMD" and "MKL_DEBUG_CPU_TYPE" not in os.environ:
+    if cpu_info("vendor_id") == "AuthenticAMD" and "MKL_DEBUG_CPU_TYPE" not in os.environ:
         os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
     paddle.set_flags({"FLAGS_use_stride_kernel": False})
     _keep_freed_memory()
@@ -71,3 +75,10 @@ def configure_cpu(threads=None):
     paddle.base.core.set_num_threads(threads)
     logger.debug("CPU math threads per process: %d", threads)
     return threads
+
+
+def wait_for_device():
+    """Block until the current device has run everything queued on it, so that a timer read afterwards
+    measures the work itself. CPU kernels run synchronously (and `synchronize` rejects "cpu")."""
+    if paddle.get_device() != "cpu":
+        paddle.device.synchronize()

@@ -132,19 +132,14 @@ def mode_config(cfg, mode, compare_recompute):
 def timed(function, steps, warmup):
     for _ in range(warmup):
         function()
-    synchronize()
+    runtime.wait_for_device()
     durations = []
     for _ in range(steps):
         start = time.perf_counter()
         function()
-        synchronize()
+        runtime.wait_for_device()
         durations.append(time.perf_counter() - start)
     return durations
-
-
-def synchronize():
-    if paddle.get_device() != "cpu":  # CPU kernels are synchronous; synchronize() rejects "cpu"
-        paddle.device.synchronize()
 
 
 def random_batch(cfg, batch_size):

@@ -106,19 +106,14 @@ def paddle_transform_seconds_per_image(settings, image_set, repeats):
     return best_seconds(transform_all, repeats) / len(pictures)
 
 
-def wait_for_device():
-    if paddle.get_device() != "cpu":  # CPU kernels are synchronous; synchronize() rejects "cpu"
-        paddle.device.synchronize()
-
-
 def device_seconds_per_batch(function, batches, repeats):
     def run_batches():
         for _ in range(batches):
             function()
-        wait_for_device()
+        runtime.wait_for_device()
 
     function()  # the first call compiles / allocates
-    wait_for_device()
+    runtime.wait_for_device()
     return best_seconds(run_batches, repeats) / batches
 
 

@@ -25,7 +25,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from rdrop import config, distributed, evaluation, logs, runtime
+from rdrop import config, evaluation, logs, runtime
 from rdrop.errors import UserError, exit_on_user_error
 
 import numpy as np
@@ -107,7 +107,7 @@ def reloaded_logits(prefix, batch):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    logs.setup(distributed.Context(0, 1))
+    logs.setup_single_process()
     config_path = args.config or evaluation.run_config_path(args.checkpoint)
     cfg = config.load(config_path, args.override)
     cfg["model"]["pretrained"] = None  # the checkpoint's weights replace whatever training started from

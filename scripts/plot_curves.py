@@ -22,7 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 
-from rdrop import distributed, logs
+from rdrop import logs
 from rdrop.errors import UserError, exit_on_user_error
 
 import matplotlib.pyplot as plt
@@ -124,7 +124,7 @@ def plot(runs, output):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    logs.setup(distributed.Context(0, 1))
+    logs.setup_single_process()
     tags = [tag for tag, _ in PANELS]
     runs = {label: read_scalars(visualdl_files(run), tags) for label, run in zip(run_labels(args.runs), args.runs)}
     for label, scalars in runs.items():
