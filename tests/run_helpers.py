@@ -10,6 +10,7 @@ from rdrop import checkpoint
 import numpy as np
 import paddle
 import yaml
+from vit_reference import TINY_MODEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,18 +24,9 @@ def load_script(name):
 
 
 def tiny_config(tmp_path, archive, name="run", **sections):
+    """A config file for a few steps of the tiny model on `archive`; `sections` update its sections."""
     cfg = {
-        "model": {
-            "name": "vit",
-            "img_size": 16,
-            "num_classes": 100,
-            "patch_size": 4,
-            "embed_dim": 16,
-            "depth": 2,
-            "num_heads": 2,
-            "mlp_dim": 32,
-            "dropout": 0.1,
-        },
+        "model": dict(TINY_MODEL, num_classes=100),  # the archive's labels span CIFAR-100's classes
         "rdrop": {"alpha": 0.3, "kl_reduction": "sum"},
         "data": {"dataset": "cifar100", "data_file": str(archive), "download": False, "num_workers": 0},
         "optimizer": {"name": "momentum", "lr": 0.05, "grad_clip": 1.0},

@@ -9,21 +9,12 @@ import sys
 import pytest
 import yaml
 from run_helpers import ROOT as ROOT_PATH
+from vit_reference import TINY_MODEL
 
 ROOT = pathlib.Path(ROOT_PATH)
 
 TINY = {
-    "model": {
-        "name": "vit",
-        "img_size": 16,
-        "num_classes": 10,
-        "patch_size": 4,
-        "embed_dim": 16,
-        "depth": 2,
-        "num_heads": 2,
-        "mlp_dim": 32,
-        "dropout": 0.1,
-    },
+    "model": TINY_MODEL,
     "rdrop": {"alpha": 0.3, "kl_reduction": "sum"},
     "optimizer": {"name": "momentum", "lr": 0.01, "grad_clip": 1.0},
     "train": {"global_batch_size": 4, "micro_batch_size": 4, "cpu_threads": 1},
@@ -84,13 +75,13 @@ def test_benchmark_reports_consistent_numbers_and_runs_the_reference_with_the_co
 
     torch_rows = result["torch_reference"]
     expected = {
-        "img-size": "16",
-        "patch": "4",
-        "dim": "16",
-        "depth": "2",
-        "heads": "2",
-        "mlp": "32",
-        "classes": "10",
+        "img-size": str(TINY_MODEL["img_size"]),
+        "patch": str(TINY_MODEL["patch_size"]),
+        "dim": str(TINY_MODEL["embed_dim"]),
+        "depth": str(TINY_MODEL["depth"]),
+        "heads": str(TINY_MODEL["num_heads"]),
+        "mlp": str(TINY_MODEL["mlp_dim"]),
+        "classes": str(TINY_MODEL["num_classes"]),
         "batch": "4",
         "steps": "2",
         "warmup": "1",

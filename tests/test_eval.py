@@ -12,7 +12,7 @@ import pytest
 from cifar_archive import cifar100_arrays, fine_label_names, write_cifar100_archive
 from eval_helpers import CHECKPOINT_STEP, fixed_class_weights, random_weights, write_run
 from run_helpers import launch
-from vit_reference import google_vit_forward, write_google_npz
+from vit_reference import TINY_MODEL, google_vit_forward, symmetric_kl_rows, write_google_npz
 
 import data
 import eval as evaluate_script
@@ -116,15 +116,13 @@ def test_weights_of_another_shape_are_refused_naming_both_shapes(tmp_path, archi
         capsys, "--checkpoint", str(ten / "best.pdparams"), "--config", str(hundred / "config.yaml")
     )
     assert code == 2
-    assert "head.weight" in message and "(16, 10)" in message and "(16, 100)" in message
+    width = TINY_MODEL["embed_dim"]
+    assert "head.weight" in message and f"({width}, 10)" in message and f"({width}, 100)" in message
     assert "Traceback" not in message
 
 
-GOOGLE_DIMS = {"embed_dim": 32, "num_heads": 4, "mlp_dim": 64}  # those of vit_reference's tiny .npz
-
-
 def test_npz_is_evaluated_as_the_reference_model(tmp_path, archive):
-    run, cfg, _ = write_run(tmp_path, archive, "google", random_weights(), model=GOOGLE_DIMS)
+    run, cfg, _ = write_run(tmp_path, archive, "google", random_weights())
     arrays = write_google_npz(tmp_path / "ViT-tiny.npz", num_classes=100)
     metrics = evaluate_script.main(
         ["--checkpoint", str(tmp_path / "ViT-tiny.npz"), "--config", str(run / "config.yaml")]
@@ -140,21 +138,12 @@ def test_npz_is_evaluated_as_the_reference_model(tmp_path, archive):
 
 def test_npz_is_evaluated_strictly(tmp_path, archive, capsys):
     """A Google checkpoint with a 10-class head is not re-initialised to fit a 100-class model."""
-    run, _, _ = write_run(tmp_path, archive, "google", random_weights(), model=GOOGLE_DIMS)
+    run, _, _ = write_run(tmp_path, archive, "google", random_weights())
     write_google_npz(tmp_path / "ViT-tiny.npz", num_classes=10)
     code, message = run_eval(
         capsys, "--checkpoint", str(tmp_path / "ViT-tiny.npz"), "--config", str(run / "config.yaml")
     )
     assert code == 2 and "10" in message and "100" in message and "head" in message
-
-
-def numpy_symmetric_kl(logits_a, logits_b):
-    def log_softmax(logits):
-        shifted = logits - logits.max(-1, keepdims=True)
-        return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-    log_p, log_q = log_softmax(logits_a.astype(np.float64)), log_softmax(logits_b.astype(np.float64))
-    return np.sum((np.exp(log_p) - np.exp(log_q)) * (log_p - log_q), axis=-1)
 
 
 def test_dropout_consistency_averages_over_images_and_passes(tmp_path, archive):
@@ -170,7 +159,7 @@ def test_dropout_consistency_averages_over_images_and_passes(tmp_path, archive):
     model.eval()
     paddle.seed(11)
     result = evaluation.dropout_consistency(model, [(images, labels)], samples, Context(0, 1))
-    kl = np.mean([numpy_symmetric_kl(logits, reference) for logits in sampled])
+    kl = np.mean([symmetric_kl_rows(logits, reference) for logits in sampled])
     changed = np.mean([logits.argmax(-1) != reference.argmax(-1) for logits in sampled])
     assert kl > 0
     assert result["symmetric_kl"] == pytest.approx(kl, rel=1e-5)

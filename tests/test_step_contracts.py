@@ -13,6 +13,7 @@ import numpy as np
 import paddle
 import pytest
 from run_helpers import tiny_config
+from vit_reference import TINY_MODEL
 
 import models
 import train
@@ -59,26 +60,14 @@ def counting_host_reads():
 
 
 def tiny_cfg(**train):
-    cfg = config.validate(
+    return config.validate(
         {
-            "model": {
-                "name": "vit",
-                "img_size": 16,
-                "num_classes": 10,
-                "patch_size": 4,
-                "embed_dim": 16,
-                "depth": 2,
-                "num_heads": 2,
-                "mlp_dim": 32,
-                "dropout": 0.1,
-                "attn_dropout": 0.1,
-            },
+            "model": dict(TINY_MODEL, attn_dropout=0.1),
             "optimizer": {"name": "momentum", "lr": 0.1, "grad_clip": 1.0},
             "schedule": {"warmup_steps": 0, "total_steps": 10},
             "train": dict({"global_batch_size": 12, "micro_batch_size": 4}, **train),
         }
     )
-    return cfg
 
 
 def build_step(cfg):

@@ -1,4 +1,5 @@
-"""Test helpers: tiny Google-format ViT checkpoints, and a NumPy ViT that runs them directly.
+"""Test references: the tiny model every test uses, Google-format ViT checkpoints with a NumPy ViT that
+runs them directly, and the symmetric KL in NumPy.
 
 `google_vit_arrays` builds random weights with the array names and shapes of Google's
 vision_transformer `.npz` checkpoints (as in imagenet21k/ViT-B_16.npz); `write_google_npz` saves
@@ -13,21 +14,32 @@ from rdrop import config
 
 import numpy as np
 
-TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=10)
+# The `model:` keys of the tiny ViT used throughout the tests.
+TINY_MODEL = {
+    "name": "vit",
+    "img_size": 16,
+    "patch_size": 4,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 4,
+    "mlp_dim": 64,
+    "num_classes": 10,
+    "dropout": 0.1,
+}
+_ARCHITECTURE = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "num_classes")
 
 
 def tiny_model_cfg(**overrides):
-    """A complete `model:` config section for the tiny `vit` used throughout the tests."""
-    cfg = config.defaults()["model"]
-    cfg.update(name="vit", dropout=0.1, **TINY)
-    cfg.update(overrides)
-    return cfg
+    """A complete `model:` config section: the defaults, TINY_MODEL, then `overrides`."""
+    return {**config.defaults()["model"], **TINY_MODEL, **overrides}
 
 
-def google_vit_arrays(
-    seed=0, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, mlp_dim=64, num_classes=10, pre_logits=False
-):
-    """Random float32 weights under Google's checkpoint names (head_dim = embed_dim / num_heads)."""
+def google_vit_arrays(seed=0, pre_logits=False, **dims):
+    """Random float32 weights under Google's checkpoint names for the tiny model, or for other `dims`
+    (img_size, patch_size, embed_dim, depth, num_heads, mlp_dim, num_classes); head_dim = embed_dim / num_heads."""
+    dims = {**{key: TINY_MODEL[key] for key in _ARCHITECTURE}, **dims}
+    img_size, patch_size, embed_dim, depth = dims["img_size"], dims["patch_size"], dims["embed_dim"], dims["depth"]
+    num_heads, mlp_dim, num_classes = dims["num_heads"], dims["mlp_dim"], dims["num_classes"]
     rng = np.random.default_rng(seed)
     head_dim = embed_dim // num_heads
     tokens = (img_size // patch_size) ** 2 + 1
@@ -126,3 +138,15 @@ def google_vit_forward(arrays, images):
 
     x = _layer_norm(x, a["Transformer/encoder_norm/scale"], a["Transformer/encoder_norm/bias"])
     return x[:, 0] @ a["head/kernel"] + a["head/bias"]
+
+
+def symmetric_kl_rows(logits_a, logits_b):
+    """Per row, KL(P_a || P_b) + KL(P_b || P_a) of the softmax distributions, in float64, from the definition."""
+
+    def log_softmax(logits):
+        shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+    log_p, log_q = log_softmax(logits_a), log_softmax(logits_b)
+    p, q = np.exp(log_p), np.exp(log_q)
+    return (p * (log_p - log_q)).sum(-1) + (q * (log_q - log_p)).sum(-1)
