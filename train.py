@@ -46,7 +46,7 @@ def parse_args(argv=None):
 
 def dropout_seed(seed, rank, step):
     """Dropout masks of optimizer step `step` on `rank` depend on these three numbers only, so a resumed
-    run draws exactly the masks the uninterrupted run would have, with no RNG state to checkpoint."""
+    run draws the masks the uninterrupted run would have, with no RNG state to checkpoint."""
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**31 - 1)
 
 

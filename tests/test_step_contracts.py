@@ -1,6 +1,6 @@
 """Contracts of the training step that speed depends on: no host reads per micro-step, none in
 train.py's loop between logging points, activation recomputation that reproduces R-Drop's two
-dropout samples exactly, and a static-program model that computes what the eager one does."""
+dropout samples, and a static-program model that computes what the eager one does."""
 
 import contextlib
 

@@ -98,6 +98,6 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, archive):
     assert result.returncode == 0, result.stdout + result.stderr + logs
     train.main(["--config", tiny_config(tmp_path, archive, "single", model=no_dropout)])
     assert_same_weights(final_weights(tmp_path / "ranks")[1], final_weights(tmp_path / "single")[1], atol=2e-6)
-    # Only rank 0 writes, and both ranks report the same, exactly counted evaluation.
+    # Only rank 0 writes, and both ranks report the same evaluation of every image counted once.
     assert (tmp_path / "ranks" / "train.log").read_text().count("(21 images;") == 2
     assert "max drift across ranks 0.000e+00" in (tmp_path / "ranks" / "train.log").read_text()
