@@ -83,8 +83,8 @@ def main(argv=None):
         f"; {cpu_threads} CPU threads per process" if cpu_threads else "",
     )
 
-    # Model, optimizer, loss scaler and the step that runs them (rdrop/step.py). A resumed run puts its
-    # checkpoint into them before the distributed wrap, at which fleet broadcasts rank 0's parameters.
+    # Model, optimizer, loss scaler and the step that runs them (rdrop/step.py). A resumed run's
+    # checkpoint goes into them through `restore`, which build_trainer calls before the distributed wrap.
     resumed = checkpoint.load(resume_from) if resume_from is not None else None
 
     def restore(model, optimizer, scaler):
