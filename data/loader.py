@@ -161,8 +161,6 @@ class EvalLoader:
     """This rank's shard of an evaluation split as (images, labels) batches ready for the model."""
 
     def __init__(self, image_set, settings):
-        self.class_names = image_set.class_names
-        self.num_images = len(image_set)
         self._settings = settings
         self._loader = _data_loader(EvalSamples(image_set, settings), settings, settings.eval_batch_size)
 
