@@ -164,6 +164,10 @@ class EvalLoader:
         self._settings = settings
         self._loader = _data_loader(EvalSamples(image_set, settings), settings, settings.eval_batch_size)
 
+    def __len__(self):
+        """Batches in this rank's shard (for progress reports)."""
+        return len(self._loader)
+
     def __iter__(self):
         for images, labels in self._loader:
             if self._settings.device_augment:

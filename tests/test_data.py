@@ -84,6 +84,7 @@ def test_test_image_and_label_at_a_known_index(odd_archive, arrays):
     images, labels = arrays["test"]
     loader = data.build_eval_loader(make_cfg(odd_archive, eval_batch_size=4), "test", rank=0, world_size=1)
     batches = list(loader)
+    assert len(loader) == len(batches) == 3  # 11 images in batches of 4
     got_images = np.concatenate([batch[0].numpy() for batch in batches])
     got_labels = np.concatenate([batch[1].numpy() for batch in batches])
     np.testing.assert_array_equal(got_labels, labels)
