@@ -26,6 +26,7 @@ import numpy as np
 import paddle
 
 import data
+import models
 
 logger = logging.getLogger("train")
 
@@ -93,7 +94,8 @@ def main(argv=None):
         checkpoint.restore_optimizer(optimizer, model, optimizer_state)
         scaler.load_state_dict(trainer_state["loss_scaler"])
 
-    trainer = build_trainer(cfg, context, restore if resumed is not None else None)
+    model = models.build_model(cfg["model"], seed=train_cfg["seed"])
+    trainer = build_trainer(cfg, context, model, restore if resumed is not None else None)
 
     # Data: an endless, sharded, resumable stream of model-ready training micro-batches, and the
     # selection split.

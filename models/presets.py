@@ -9,6 +9,8 @@ import dataclasses
 
 from rdrop.errors import UserError
 
+import paddle
+
 from .pretrained import load_pretrained
 from .vit import VisionTransformer
 
@@ -80,8 +82,13 @@ def resolve_architecture(model_cfg):
     return architecture
 
 
-def build_model(model_cfg):
-    """A VisionTransformer for the `model:` config section, with `model.pretrained` loaded if set."""
+def build_model(model_cfg, seed=None):
+    """A VisionTransformer for the `model:` config section, with `model.pretrained` loaded if set.
+
+    With `seed` (train.seed) the initial weights are drawn from it, so every rank of a job builds the
+    same ones; without it they come from Paddle's current generator (weights loaded later replace them)."""
+    if seed is not None:
+        paddle.seed(seed)
     architecture = resolve_architecture(model_cfg)
     model = VisionTransformer(
         img_size=model_cfg["img_size"],

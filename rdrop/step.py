@@ -1,6 +1,6 @@
 """The trainer train.py runs, built in one place so that scripts/benchmark.py and the tests run the same:
-`build_trainer` makes the model, optimizer, schedule, loss scaler, distributed wrapper and the
-`TrainStep` that drives them.
+`build_trainer` takes the model (from `models.build_model`) and makes the optimizer, schedule, loss
+scaler, distributed wrapper and the `TrainStep` that drives them.
 
 A step accumulates gradients over `accumulation` micro-batches (the all-reduce of the data-parallel
 model runs only on the last one), unscales them (fp16), clips them to the global norm and applies
@@ -19,8 +19,6 @@ from rdrop.loss import RDropLoss, rdrop_logits
 from rdrop.schedule import WarmupDecay
 
 import paddle
-
-import models
 
 LOSS_NAMES = ("loss", "ce", "kl")
 
@@ -114,17 +112,16 @@ class Trainer:
     train_step: TrainStep
 
 
-def build_trainer(cfg, context, restore=None):
-    """Build everything one optimizer step needs, for this process's place in the job (`context`).
+def build_trainer(cfg, context, model, restore=None):
+    """Build everything one optimizer step of `model` needs, for this process's place in the job
+    (`context`). `model` is the bare model from `models.build_model`, the same on every rank.
 
-    Every rank draws the same initial weights from train.seed. `restore(model, optimizer, scaler)`,
+    `restore(model, optimizer, scaler)`,
     when given, runs after they are built and before the distributed wrap: that is where a resumed run
     puts its checkpoint in, because fleet broadcasts rank 0's parameters to every rank at the wrap.
     """
     train_cfg = cfg["train"]
     accumulation = accumulation_steps(train_cfg, context.world_size)
-    paddle.seed(train_cfg["seed"])
-    model = models.build_model(cfg["model"])
     model.recompute = train_cfg["recompute"]
     model = compile_model(model, train_cfg["to_static"])
     optimizer, scheduler = optim.build(cfg["optimizer"], cfg["schedule"], model)

@@ -161,7 +161,8 @@ def measure(cfg, mode, steps, warmup):
     """One mode in this process: the durations and peak memory, as a dict."""
     train_cfg = cfg["train"]
     threads = runtime.configure_cpu(train_cfg["cpu_threads"])
-    trainer = build_trainer(cfg, distributed.init())
+    model = models.build_model(cfg["model"], seed=train_cfg["seed"])
+    trainer = build_trainer(cfg, distributed.init(), model)
     load_before = os.getloadavg()
     if mode == "eval":
         images, _ = random_batch(cfg, cfg["eval"]["batch_size"])

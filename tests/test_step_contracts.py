@@ -71,7 +71,7 @@ def tiny_cfg(**train):
 
 
 def build_step(cfg):
-    trainer = build_trainer(cfg, distributed.Context(0, 1))
+    trainer = build_trainer(cfg, distributed.Context(0, 1), models.build_model(cfg["model"], seed=cfg["train"]["seed"]))
     trainer.ddp_model.train()
     return trainer.model, trainer.train_step, trainer.accumulation
 
