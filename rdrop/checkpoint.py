@@ -5,6 +5,7 @@ Layout under `train.output_dir`:
     checkpoints/step_<N>/model.pdparams      model weights (the state_dict of the bare model)
                         optimizer.pdopt     optimizer state: momentum / Adam moments, LR scheduler
                         trainer_state.json  step, data-stream position, best metric, loss-scaler state
+                                            (arrays, such as the fp16 loss scale, as tagged lists)
     best.pdparams, best.json                 weights with the best selection accuracy, and its metrics
 
 A checkpoint is written into a hidden `.step_<N>.partial` folder, every file flushed to disk, and only
@@ -20,6 +21,7 @@ import shutil
 
 from rdrop.errors import UserError
 
+import numpy as np
 import paddle
 
 logger = logging.getLogger(__name__)
@@ -41,9 +43,28 @@ def _fsync_path(path):
         os.close(descriptor)
 
 
+_ARRAY_TAG = "__ndarray__"
+
+
+def _json_value(value):
+    """NumPy values inside the trainer state as JSON. On GPUs the loss scaler's state holds its scale
+    as a float32 array of shape [1] (GradScaler.state_dict returns `self._scale.numpy()`)."""
+    if isinstance(value, np.ndarray):
+        return {_ARRAY_TAG: value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} cannot be written to a checkpoint's {STATE_FILE}")
+
+
+def _restore_arrays(obj):
+    if set(obj) == {_ARRAY_TAG, "dtype"}:
+        return np.array(obj[_ARRAY_TAG], dtype=obj["dtype"])
+    return obj
+
+
 def _write_json(data, path):
     with open(path, "w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=2, sort_keys=True)
+        json.dump(data, stream, indent=2, sort_keys=True, default=_json_value)
 
 
 def _save_error(what, error):
@@ -123,7 +144,7 @@ def _load_file(path, loader):
 
 def _read_json(path):
     with open(path, encoding="utf-8") as stream:
-        return json.load(stream)
+        return json.load(stream, object_hook=_restore_arrays)
 
 
 def load_model_state(path):

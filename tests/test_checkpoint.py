@@ -140,3 +140,29 @@ def test_a_new_run_never_overwrites_another_runs_checkpoints(tmp_path):
     assert checkpoint.list_checkpoints(str(tmp_path))
     checkpoint.claim_output_dir(train_cfg(tmp_path, overwrite=True))
     assert checkpoint.list_checkpoints(str(tmp_path)) == []
+
+
+def test_an_fp16_loss_scaler_state_survives_save_and_resume(tmp_path):
+    """On a GPU, GradScaler.state_dict() holds the scale as a float32 array of shape [1]
+    (paddle/amp/grad_scaler.py: `"scale": self._scale.numpy()`) next to its counters."""
+    gpu_state = {
+        "scale": np.array([4096.0], dtype=np.float32),
+        "incr_ratio": 2.0,
+        "decr_ratio": 0.5,
+        "incr_every_n_steps": 1000,
+        "decr_every_n_nan_or_inf": 1,
+        "incr_count": 37,
+        "decr_count": 0,
+        "use_dynamic_loss_scaling": True,
+    }
+    checkpoint.save(str(tmp_path), 3, *small_states(3), {"loss_scaler": gpu_state}, keep=1)
+    _, _, trainer_state = checkpoint.load(str(tmp_path / "checkpoints" / "step_3"))
+
+    scaler = paddle.amp.GradScaler(enable=False)
+    scaler._enable = True  # as on a GPU: on a CPU, Paddle disables the scaler when it is built
+    scaler.load_state_dict(trainer_state["loss_scaler"])
+    restored = scaler.state_dict()
+    assert restored.keys() == gpu_state.keys()
+    assert restored["scale"].dtype == np.float32 and restored["scale"].shape == (1,)
+    np.testing.assert_array_equal(restored["scale"], gpu_state["scale"])
+    assert {k: v for k, v in restored.items() if k != "scale"} == {k: v for k, v in gpu_state.items() if k != "scale"}
