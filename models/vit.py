@@ -156,7 +156,8 @@ class Block(nn.Layer):
 
 
 class VisionTransformer(nn.Layer):
-    """ViT classifier: float32 NCHW images (normalised) -> logits [batch, num_classes].
+    """ViT classifier: float32 NCHW images (normalised) -> float32 logits [batch, num_classes], also
+    under bf16/fp16 autocast.
 
     Set `recompute = True` to recompute each block's activations in the backward pass instead of
     storing them (training only); the random state is replayed, so dropout masks are identical.
@@ -217,4 +218,9 @@ class VisionTransformer(nn.Layer):
                 tokens = recompute_activations(block, tokens, preserve_rng_state=True, use_reentrant=False)
             else:
                 tokens = block(tokens)
-        return self.head(self.norm(tokens)[:, 0])
+        # The final norm and the head run in float32 outside autocast: under O1 the head is a
+        # white-listed matmul, and bf16 logits (off by up to 0.06 at 16) would feed the CE and the KL.
+        # The norm acts on each token alone, so normalising only the class token is the same.
+        with paddle.amp.auto_cast(enable=False):
+            logits = self.head(self.norm(tokens[:, 0].astype("float32")))
+        return logits

@@ -1,5 +1,6 @@
 """The ViT model and presets: attention, recomputation, initialisation, sizes, FLOPs, config checks."""
 
+import contextlib
 import math
 
 from rdrop import config
@@ -179,6 +180,52 @@ def test_dropout_makes_two_training_passes_differ():
     model.train()
     x = paddle.randn([2, 3, 16, 16])
     assert not np.allclose(model(x).numpy(), model(x).numpy())
+
+
+@contextlib.contextmanager
+def gpu_autocast_state():
+    """The tracer state `paddle.amp.auto_cast(level="O1", dtype="bfloat16")` sets on a GPU (on a CPU it
+    warns and leaves autocast off); the ops themselves still run in float32 on a CPU."""
+    tracer = paddle.base.framework._dygraph_tracer()
+    saved = tracer._amp_level, tracer._amp_dtype
+    tracer._amp_level, tracer._amp_dtype = paddle.base.core.AmpLevel.O1, "bfloat16"
+    try:
+        yield
+    finally:
+        tracer._amp_level, tracer._amp_dtype = saved
+
+
+def test_final_norm_and_head_run_outside_autocast():
+    model = models.build_model(tiny_model_cfg())
+    autocast_seen = {}
+    for name, layer in (("last block", model.blocks[-1]), ("norm", model.norm), ("head", model.head)):
+        layer.register_forward_pre_hook(
+            lambda layer, inputs, name=name: autocast_seen.__setitem__(name, paddle.amp.is_autocast_enabled())
+        )
+    with gpu_autocast_state():
+        model(paddle.randn([2, 3, 16, 16]))
+    assert autocast_seen == {"last block": True, "norm": False, "head": False}
+
+
+def test_bf16_activations_give_float32_logits_of_the_upcast_activations():
+    model = models.build_model(tiny_model_cfg(dropout=0.0))
+    paddle.nn.initializer.Normal(std=2.0)(model.head.weight)  # logits of several units, where bf16 rounds visibly
+    model.eval()
+    images = paddle.randn([4, 3, 16, 16])
+
+    def logits_with_last_block_output(convert):
+        hook = model.blocks[-1].register_forward_post_hook(lambda layer, inputs, output: convert(output))
+        try:
+            return model(images)
+        finally:
+            hook.remove()
+
+    # What autocast hands the norm on a GPU: the blocks' output in bf16.
+    logits = logits_with_last_block_output(lambda tokens: tokens.astype("bfloat16"))
+    expected = logits_with_last_block_output(lambda tokens: tokens.astype("bfloat16").astype("float32"))
+    assert logits.dtype == paddle.float32
+    np.testing.assert_allclose(logits.numpy(), expected.numpy(), rtol=0, atol=1e-6)
+    assert np.abs(expected.numpy()).max() > 4  # large enough that bf16 logits would differ by > 1e-6
 
 
 def _loss_and_gradients(npz, recompute, seed, frozen_embeddings=False):
