@@ -70,7 +70,7 @@ def main(argv=None):
     context = distributed.init()
     accumulation = accumulation_steps(train_cfg, context.world_size)  # checked before anything is written
     output_dir = train_cfg["output_dir"]
-    resume_from = checkpoint.resolve_resume(train_cfg)
+    resume_from = checkpoint.resolve_resume(train_cfg, context)
     if context.is_main:
         checkpoint.claim_output_dir(train_cfg)
         config.save(cfg, os.path.join(output_dir, "config.yaml"))

@@ -131,6 +131,26 @@ def barrier(context):
             dist.barrier()
 
 
+def broadcast_from_main(value, context):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if context.world_size == 1:
+        return value
+    box = [value]
+    with peers_expected(context):
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value, context):
+    """Every rank's `value` (any picklable object), as a list indexed by rank, on every rank."""
+    if context.world_size == 1:
+        return [value]
+    gathered = []
+    with peers_expected(context):
+        dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def all_reduce_sum(tensor, context):
     if context.world_size > 1:
         with peers_expected(context):

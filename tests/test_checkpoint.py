@@ -6,18 +6,22 @@ import subprocess
 import sys
 import textwrap
 
-from rdrop import checkpoint
+from rdrop import checkpoint, distributed
 from rdrop.errors import UserError
 
 import numpy as np
 import paddle
 import pytest
+from run_helpers import ROOT, launch, tiny_config
 
 
 def small_states(value):
     model_state = {"w": paddle.full([2, 3], float(value))}
     optimizer_state = {"velocity": paddle.full([2, 3], float(value) / 10)}
     return model_state, optimizer_state
+
+
+SINGLE_PROCESS = distributed.Context(0, 1)
 
 
 def train_cfg(output_dir, **changes):
@@ -41,8 +45,8 @@ def test_auto_resume_picks_the_newest_complete_checkpoint(tmp_path):
     checkpoint.save(str(tmp_path), 7, *small_states(7), {}, keep=3)
     (tmp_path / "checkpoints" / ".step_9.partial").mkdir()
     (tmp_path / "checkpoints" / "step_11").mkdir()  # no trainer_state.json: not complete
-    assert checkpoint.resolve_resume(train_cfg(tmp_path, resume="auto")).endswith("step_7")
-    assert checkpoint.resolve_resume(train_cfg(tmp_path / "empty", resume="auto")) is None
+    assert checkpoint.resolve_resume(train_cfg(tmp_path, resume="auto"), SINGLE_PROCESS).endswith("step_7")
+    assert checkpoint.resolve_resume(train_cfg(tmp_path / "empty", resume="auto"), SINGLE_PROCESS) is None
 
 
 def test_failure_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -66,7 +70,7 @@ def test_process_killed_halfway_through_a_save_leaves_no_complete_looking_checkp
     checkpoint.save(str(tmp_path), 1, *small_states(1), {}, keep=2)
     script = textwrap.dedent(f"""
         import os, paddle
-        from rdrop import checkpoint
+        from rdrop import checkpoint, distributed
         real_save = paddle.save
         def dying_save(obj, path, *args, **kwargs):
             real_save(obj, path, *args, **kwargs)
@@ -76,7 +80,7 @@ def test_process_killed_halfway_through_a_save_leaves_no_complete_looking_checkp
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 9
-    assert checkpoint.resolve_resume(train_cfg(tmp_path, resume="auto")).endswith("step_1")
+    assert checkpoint.resolve_resume(train_cfg(tmp_path, resume="auto"), SINGLE_PROCESS).endswith("step_1")
     checkpoint.save(str(tmp_path), 2, *small_states(2), {}, keep=2)  # the leftover partial folder is replaced
     assert [step for step, _ in checkpoint.list_checkpoints(str(tmp_path))] == [1, 2]
 
@@ -166,3 +170,48 @@ def test_an_fp16_loss_scaler_state_survives_save_and_resume(tmp_path):
     assert restored["scale"].dtype == np.float32 and restored["scale"].shape == (1,)
     np.testing.assert_array_equal(restored["scale"], gpu_state["scale"])
     assert {k: v for k, v in restored.items() if k != "scale"} == {k: v for k, v in gpu_state.items() if k != "scale"}
+
+
+def reports(*per_rank):
+    return [(step, f"host{rank}", problem) for rank, (step, problem) in enumerate(per_rank)]
+
+
+def test_ranks_resume_only_when_every_one_reads_rank_0s_checkpoint_at_its_step():
+    path = "/runs/a/checkpoints/step_3"
+    assert checkpoint.agree_on_resume(path, reports((3, None), (3, None))) == path
+    assert checkpoint.agree_on_resume(None, reports((None, None), (None, None))) is None
+    with pytest.raises(UserError) as missing:
+        checkpoint.agree_on_resume(path, reports((3, None), (None, "no such folder")))
+    message = str(missing.value)
+    assert "Rank 1 on host host1" in message and path in message and "no such folder" in message
+    assert "storage all machines share" in message
+    with pytest.raises(UserError, match="Rank 2 on host host2 .*records step 2, rank 0 reads step 3"):
+        checkpoint.agree_on_resume(path, reports((3, None), (3, None), (2, None)))
+    with pytest.raises(UserError, match="Cannot resume from .*trainer_state.json is missing"):
+        checkpoint.agree_on_resume(path, reports((None, "trainer_state.json is missing"), (3, None)))
+
+
+# Runs train.py with its working directory in machine<rank>/: with a relative train.output_dir, each
+# rank sees its own folder, as two machines with output_dir on their local disks do.
+OWN_DISK_PER_RANK = """
+import os, sys
+sys.path.insert(0, {root!r})
+os.chdir(os.path.join({base!r}, "machine" + os.environ["PADDLE_TRAINER_ID"]))
+import train
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_resume_stops_at_start_when_another_rank_cannot_read_rank_0s_checkpoint(tmp_path, archive):
+    script = tmp_path / "own_disk_per_rank.py"
+    script.write_text(OWN_DISK_PER_RANK.format(root=ROOT, base=str(tmp_path)))
+    checkpoint.save(str(tmp_path / "machine0" / "run"), 3, *small_states(3), {}, keep=1)
+    (tmp_path / "machine1").mkdir()
+    arguments = ["--config", tiny_config(tmp_path, archive), "-o", "train.output_dir=run", "-o", "train.resume=auto"]
+    result = launch(arguments, tmp_path / "logs", script=str(script), timeout=300)
+    logs = {rank: (tmp_path / "logs" / f"workerlog.{rank}").read_text() for rank in (0, 1)}
+    assert result.returncode != 0
+    for log in logs.values():
+        assert "Rank 1 on host" in log and "'run/checkpoints/step_3'" in log and "no such folder" in log, log
+        assert "Traceback" not in log
