@@ -90,13 +90,22 @@ def test_indivisible_batch_sizes_are_refused(tmp_path, archive, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_accumulation(tmp_path, archive):
-    """2 ranks x 1 micro-batch of 4 see the same 8 images per step as 1 rank x 2 micro-batches of 4."""
-    no_dropout = {"dropout": 0.0}
-    result = launch(["--config", tiny_config(tmp_path, archive, "ranks", model=no_dropout)], tmp_path / "logs")
+@pytest.mark.parametrize("micro_batch_size", [4, 2], ids=["1_micro_batch_per_rank", "2_micro_batches_per_rank"])
+def test_two_processes_match_one_process_with_accumulation(tmp_path, archive, micro_batch_size):
+    """8 images per step, R-Drop on: 2 ranks x 1 micro-batch of 4 against 1 rank x 2 of 4, and 2 ranks
+    x 2 micro-batches of 2 (gradients accumulated under no_sync, all-reduced on the last) against
+    1 rank x 4 of 2."""
+    # Without clipping, which would hide gradients scaled by a wrong factor.
+    sections = {
+        "model": {"dropout": 0.0},
+        "train": {"micro_batch_size": micro_batch_size},
+        "optimizer": {"grad_clip": None},
+    }
+    result = launch(["--config", tiny_config(tmp_path, archive, "ranks", **sections)], tmp_path / "logs")
     logs = "".join(path.read_text() for path in (tmp_path / "logs").glob("workerlog.*"))
     assert result.returncode == 0, result.stdout + result.stderr + logs
-    train.main(["--config", tiny_config(tmp_path, archive, "single", model=no_dropout)])
+    assert f"2 process(es) x {4 // micro_batch_size} micro-batch(es) of {micro_batch_size}" in logs
+    train.main(["--config", tiny_config(tmp_path, archive, "single", **sections)])
     assert_same_weights(final_weights(tmp_path / "ranks")[1], final_weights(tmp_path / "single")[1], atol=2e-6)
     # Only rank 0 writes, and both ranks report the same evaluation of every image counted once.
     assert (tmp_path / "ranks" / "train.log").read_text().count("(21 images;") == 2
