@@ -57,14 +57,29 @@ import paddle
 
 import models
 
-# Dense peak TFLOP/s by GPU name: (bf16/fp16 tensor cores, TF32 tensor cores), from NVIDIA's data
-# sheets. The first entry whose words all occur in the device name wins.
+# Dense peak TFLOP/s by GPU name: (bf16/fp16 tensor cores with float32 accumulation, TF32 tensor
+# cores), from NVIDIA's data sheets, which print the rates with structured sparsity, twice these:
+# H100 and H200 (Hopper data sheets, SXM and PCIe/NVL), HGX B200 (per GPU: 36 PFLOP/s bf16 and
+# 18 TF32 sparse over 8 GPUs), L40S and L40, A100, the Ada Lovelace architecture white paper for the
+# GeForce RTX 4090, and the V100 data sheet (no bf16 and no TF32: its fp16 tensor-core and plain
+# float32 rates). The first entry whose words all occur in the device name wins, so more specific
+# names come first.
 GPU_PEAK_TFLOPS = (
     (("H100", "PCIe"), (756.0, 378.0)),
+    (("H100", "NVL"), (835.5, 417.5)),
     (("H100",), (989.0, 494.7)),
     (("H800",), (989.0, 494.7)),
+    (("H200", "NVL"), (835.5, 417.5)),
+    (("H200",), (989.5, 494.5)),
+    (("B200",), (2250.0, 1125.0)),
     (("A100",), (312.0, 156.0)),
     (("A800",), (312.0, 156.0)),
+    (("L40S",), (362.05, 183.0)),
+    (("L40",), (181.05, 90.5)),
+    (("RTX", "4090"), (165.2, 82.6)),
+    (("V100S",), (130.0, 16.4)),
+    (("V100", "PCIE"), (112.0, 14.0)),
+    (("V100",), (125.0, 15.7)),
 )
 
 TRAIN_FLOPS_PER_FORWARD = {"rdrop": 6, "plain": 3, "rdrop_recompute": 6, "eval": 1}

@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 from run_helpers import ROOT as ROOT_PATH
+from run_helpers import load_script
 from vit_reference import TINY_MODEL
 
 ROOT = pathlib.Path(ROOT_PATH)
@@ -105,3 +106,13 @@ def test_benchmark_refuses_a_reference_comparison_it_cannot_match(tmp_path):
     completed = run_benchmark(tmp_path, "--torch-reference", "unused.py", config=config)
     assert completed.returncode == 2
     assert "micro_batch_size" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_every_gpu_in_the_peak_table_is_reachable_by_its_own_name():
+    """An entry whose name an earlier, less specific entry also matches would never be used."""
+    benchmark = load_script("benchmark")
+    for words, (half_precision, tf32) in benchmark.GPU_PEAK_TFLOPS:
+        name = "NVIDIA " + " ".join(words) + " 80GB"
+        assert benchmark.default_peak_tflops(name, "bf16") == half_precision, name
+        assert benchmark.default_peak_tflops(name, "none") == tf32, name
+    assert benchmark.default_peak_tflops("cpu", "bf16") is None
