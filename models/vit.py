@@ -27,6 +27,7 @@ import math
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+from paddle.amp.auto_cast import amp_global_state
 from paddle.distributed.fleet.utils import recompute as recompute_activations
 
 from .layers import GELU, CpuKernelLayer, Dropout, LayerNorm, Linear
@@ -221,6 +222,11 @@ class VisionTransformer(nn.Layer):
         # The final norm and the head run in float32 outside autocast: under O1 the head is a
         # white-listed matmul, and bf16 logits (off by up to 0.06 at 16) would feed the CE and the KL.
         # The norm acts on each token alone, so normalising only the class token is the same.
+        # auto_cast(enable=False) also overwrites, for good, the AMP dtype that GradScaler.scale()
+        # reads to decide whether fp16 loss scaling stays on: put back the surrounding one.
+        amp_state = amp_global_state()
+        surrounding_dtype = amp_state.amp_dtype
         with paddle.amp.auto_cast(enable=False):
             logits = self.head(self.norm(tokens[:, 0].astype("float32")))
+        amp_state.amp_dtype = surrounding_dtype
         return logits

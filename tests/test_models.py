@@ -9,6 +9,7 @@ from rdrop.errors import UserError
 import numpy as np
 import paddle
 import pytest
+from paddle.amp.auto_cast import amp_global_state
 from vit_reference import tiny_model_cfg, write_google_npz
 
 import models
@@ -205,6 +206,20 @@ def test_final_norm_and_head_run_outside_autocast():
     with gpu_autocast_state():
         model(paddle.randn([2, 3, 16, 16]))
     assert autocast_seen == {"last block": True, "norm": False, "head": False}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_leaving_autocast_for_the_head_keeps_the_amp_dtype_the_loss_scaler_reads(dtype):
+    """GradScaler.scale() turns fp16 loss scaling off for good unless amp_global_state().amp_dtype is
+    float16; autocast sets it on entry and never restores it, and TrainStep scales after leaving it."""
+    model = models.build_model(tiny_model_cfg())
+    amp_global_state().amp_dtype = dtype  # as precision.autocast(amp) leaves it
+    try:
+        with gpu_autocast_state():
+            model(paddle.randn([2, 3, 16, 16]))
+        assert amp_global_state().amp_dtype == dtype
+    finally:
+        amp_global_state().amp_dtype = "float32"
 
 
 def test_bf16_activations_give_float32_logits_of_the_upcast_activations():
