@@ -215,3 +215,23 @@ def test_resume_stops_at_start_when_another_rank_cannot_read_rank_0s_checkpoint(
     for log in logs.values():
         assert "Rank 1 on host" in log and "'run/checkpoints/step_3'" in log and "no such folder" in log, log
         assert "Traceback" not in log
+
+
+def test_every_rank_checks_the_checkpoint_rank_0_chose_rather_than_its_own_newest(tmp_path, monkeypatch):
+    """Rank 1 of 2, whose own output_dir holds an older checkpoint than the one rank 0 chose."""
+    checkpoint.save(str(tmp_path / "rank1_view"), 5, *small_states(5), {}, keep=1)
+    chosen = str(tmp_path / "shared" / "checkpoints" / "step_7")
+    reports_seen = []
+
+    def gather(report, context):
+        reports_seen.append(report)
+        return [(7, "host0", None), report]
+
+    monkeypatch.setattr(distributed, "broadcast_from_main", lambda value, context: chosen)
+    monkeypatch.setattr(distributed, "gather", gather)
+    rank_1 = distributed.Context(1, 2, local_rank=0)
+    with pytest.raises(UserError, match=f"Rank 1 on host .*'{chosen}'.*no such folder"):
+        checkpoint.resolve_resume(train_cfg(tmp_path / "rank1_view", resume="auto"), rank_1)
+    checkpoint.save(str(tmp_path / "shared"), 7, *small_states(7), {}, keep=1)
+    assert checkpoint.resolve_resume(train_cfg(tmp_path / "rank1_view", resume="auto"), rank_1) == chosen
+    assert [report[0] for report in reports_seen] == [None, 7]
