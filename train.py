@@ -33,15 +33,7 @@ logger = logging.getLogger("train")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file in configs/ (or your own)")
-    parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key; the value is parsed as YAML; repeatable",
-    )
+    config.add_arguments(parser, "YAML file in configs/ (or your own)", required=True)
     return parser.parse_args(argv)
 
 
@@ -52,12 +44,13 @@ def dropout_seed(seed, rank, step):
 
 
 def hyperparameters(cfg):
-    """Flat section.key -> scalar view of the config for VisualDL's hparams table."""
+    """Flat section_key -> scalar view of the config for VisualDL's hyper-parameter table (its table
+    leaves a name with a dot blank, so `model.name` is shown as `model_name`)."""
     flat = {}
     for section, keys in cfg.items():
         for name, value in keys.items():
             scalar = isinstance(value, (int, float, str)) and not isinstance(value, bool)
-            flat[f"{section}.{name}"] = value if scalar else str(value)
+            flat[f"{section}_{name}"] = value if scalar else str(value)
     return flat
 
 
@@ -119,7 +112,8 @@ def main(argv=None):
         stream.set_state_dict(trainer_state["data"])
         step, best = trainer_state["step"], trainer_state["best"]
         logger.info("Resumed from %s at step %d", resume_from, step)
-    writer = logs.MetricsWriter(context, output_dir)
+    metric_tags = [f"{selection_split}/{name}" for name in logs.EVAL_SCALARS]
+    writer = logs.MetricsWriter(context, output_dir, step, hyperparameters(cfg), metric_tags)
     stop = StopRequest().install()
     watchdog = distributed.RankWatchdog(context)
 
@@ -142,7 +136,7 @@ def main(argv=None):
         checksums = distributed.parameter_checksums(trainer.model, context)
         drift = float(np.max(np.abs(checksums - checksums[0])))
         logger.info(
-            "eval step %d on %s: top1 %.2f  top5 %.2f  loss %.4f  (%d images; parameter checksum "
+            "eval step %d on %s: top1 %.2f  top5 %.2f  cross_entropy %.4f  (%d images; parameter checksum "
             "%.6e, max drift across ranks %.3e)",
             step,
             selection_split,
@@ -153,7 +147,7 @@ def main(argv=None):
             checksums[0],
             drift,
         )
-        writer.scalars("eval", {k: metrics[k] for k in ("top1", "top5", "loss")}, step)
+        writer.scalars(selection_split, logs.eval_scalars(metrics), step)
         improved = math.isfinite(metrics["loss"]) and (best is None or metrics["top1"] > best["top1"])
         if improved:
             best = {"step": step, "split": selection_split, **{k: metrics[k] for k in ("top1", "top5", "loss")}}
@@ -188,11 +182,8 @@ def main(argv=None):
             bad_steps = 0
 
         if step % train_cfg["log_every"] == 0 or step == total_steps:
-            values = {
-                name: float(total) / window_steps
-                for name, total in window.items()
-                if name != "kl" or trainer.train_step.criterion.needs_two_samples
-            }
+            losses = {name: float(total) / window_steps for name, total in window.items()}
+            values = logs.train_scalars(losses, trainer.train_step.criterion.needs_two_samples)
             values.update(lr=outcome["lr"], grad_norm=float(outcome["grad_norm"]))
             elapsed = time.perf_counter() - window_start
             img_per_s = window_steps * train_cfg["global_batch_size"] / elapsed
@@ -220,18 +211,19 @@ def main(argv=None):
             trainer.ddp_model, test_loader, cfg["model"]["num_classes"], context, train_cfg["amp"]
         )
         logger.info(
-            "final weights on test: top1 %.2f  top5 %.2f (the best-on-val weights: python eval.py --checkpoint %s)",
+            "Test split, weights of the last step (%d): top1 %.2f  top5 %.2f. The best-on-val weights "
+            "(%s) were not tested; test them with: python eval.py --checkpoint %s",
+            step,
             test["top1"],
             test["top5"],
+            checkpoint.BEST_WEIGHTS,
             os.path.join(output_dir, checkpoint.BEST_WEIGHTS),
         )
     watchdog.stop()  # from here on a rank that is done may exit before the others
     distributed.barrier(context)
-    if stop_requested:
-        writer.close()
-        return
-    writer.hparams(hyperparameters(cfg), ["eval/top1", "eval/top5", "eval/loss"])
     writer.close()
+    if stop_requested:
+        return
     if best is not None:
         logger.info(
             "Done: best %s top1 %.2f at step %d, weights in %s",

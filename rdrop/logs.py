@@ -1,17 +1,21 @@
-"""What a run tells its user: console and `train.log` lines, and VisualDL scalars (rank 0 only).
+"""What a run tells its user: console and `train.log` lines, progress of long loops, and VisualDL
+records (rank 0 only).
 
 Other ranks print warnings and errors only, prefixed with their rank, so a multi-GPU console reads
 like a single-GPU one.
 """
 
+import glob
 import logging
 import os
 import sys
+import time
 
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "train.log"
 VISUALDL_DIR = "vdl"
+VISUALDL_FILES = "vdlrecords.*.log"
 
 
 def setup(context, output_dir=None):
@@ -45,27 +49,127 @@ def _route(rank, output_dir):
 
 
 class MetricsWriter:
-    """VisualDL scalars under `output_dir/vdl`, written by rank 0; a no-op on the other ranks."""
+    """VisualDL records of one run in `output_dir/vdl`, written by rank 0; a no-op on the other ranks.
 
-    def __init__(self, context, output_dir):
+    VisualDL shows one run per folder and reads only the newest `vdlrecords.*.log` in it, so a run
+    keeps exactly one file however often it is resumed: a session starting at `start_step` copies
+    the scalars that earlier sessions logged up to that step into its own new file and deletes the
+    older files. What a killed session logged after its last checkpoint is dropped, because the
+    resumed session logs those steps again. Every write is flushed, so a killed session loses nothing
+    up to its checkpoint. The hyper-parameters go in at the start, so a running or stopped run shows
+    them; their table fills with `metric_tags` as they are logged.
+    """
+
+    def __init__(self, context, output_dir, start_step, hparams, metric_tags):
         self._writer = None
-        if context.is_main:
-            from visualdl import LogWriter
+        if not context.is_main:
+            return
+        from visualdl import LogWriter
 
-            self._writer = LogWriter(logdir=os.path.join(output_dir, VISUALDL_DIR))
+        folder = os.path.join(output_dir, VISUALDL_DIR)
+        earlier_files = sorted(glob.glob(os.path.join(folder, VISUALDL_FILES)))
+        kept = _scalars_up_to(earlier_files, start_step)
+        self._writer = LogWriter(logdir=folder, file_name=_next_file_name(earlier_files))
+        self._writer.add_hparams(hparams_dict=hparams, metrics_list=list(metric_tags))
+        for tag, records in kept.items():
+            for step, (value, walltime) in sorted(records.items()):
+                self._writer.add_scalar(tag=tag, value=value, step=step, walltime=walltime)
+        self._writer.flush()
+        for path in earlier_files:
+            os.remove(path)
 
     def scalars(self, prefix, values, step):
         if self._writer is not None:
             for name, value in values.items():
                 self._writer.add_scalar(tag=f"{prefix}/{name}", value=float(value), step=step)
-
-    def hparams(self, hparams, metric_tags):
-        if self._writer is not None:
-            self._writer.add_hparams(hparams_dict=hparams, metrics_list=metric_tags)
+            self._writer.flush()
 
     def close(self):
         if self._writer is not None:
             self._writer.close()
+
+
+def _next_file_name(earlier_files):
+    """A file name that sorts after every earlier one, VisualDL's notion of newest."""
+    newest = max((os.path.basename(path) for path in earlier_files), default="")
+    stamp = time.time_ns()
+    while f"vdlrecords.{stamp}.log" <= newest:
+        stamp += 1
+    return f"vdlrecords.{stamp}.log"
+
+
+def _scalars_up_to(files, last_step):
+    """{tag: {step: (value, walltime ms)}} of the scalars in `files` at steps <= last_step, later
+    files winning. Records are parsed one by one, so a file cut short by a kill mid-write still gives
+    every record before the cut (VisualDL's LogReader rejects the whole file)."""
+    from visualdl.proto import record_pb2
+    from visualdl.reader.record_reader import RecordReader
+
+    kept = {}
+    for path in files:
+        for raw in RecordReader(filepath=path).get_remain():
+            record = record_pb2.Record()
+            try:
+                record.ParseFromString(raw)
+            except Exception:  # protobuf's DecodeError: the torn last record
+                logger.warning("VisualDL log %s ends in a damaged record; the records before it are kept", path)
+                continue
+            for value in record.values:
+                if value.WhichOneof("one_value") == "value" and value.id <= last_step:
+                    kept.setdefault(value.tag, {})[value.id] = (value.value, value.timestamp)
+    return kept
+
+
+class Progress:
+    """Progress of a long loop on the console, as training shows it: `label i/total (pct), eta`.
+
+    Silent for loops that finish within `quiet_seconds`; then one line every `every_seconds` at
+    most, and a last line at the end. Only where `show` is true (rank 0).
+    """
+
+    def __init__(self, label, total, show=True, quiet_seconds=5.0, every_seconds=15.0):
+        self.label, self.total, self.show = label, total, show
+        self.every_seconds = every_seconds
+        self.start = time.perf_counter()
+        self.next_report = self.start + quiet_seconds
+        self.reported = False
+
+    def update(self, done):
+        now = time.perf_counter()
+        if not self.show or (now < self.next_report and not (self.reported and done >= self.total)):
+            return
+        elapsed = now - self.start
+        eta = elapsed / done * (self.total - done) if done else float("nan")
+        eta_text = format_duration(eta) if done else "?"
+        percent = 100.0 * done / self.total if self.total else 100.0
+        logger.info(
+            "%s %d/%d (%.0f%%), %s elapsed, eta %s",
+            self.label,
+            done,
+            self.total,
+            percent,
+            format_duration(elapsed),
+            eta_text,
+        )
+        self.reported = True
+        self.next_report = now + self.every_seconds
+
+
+# What each logged name means. Training: the objective the optimizer minimises (R-Drop:
+# CE_a + CE_b + alpha * KL_sym; without R-Drop: CE), the cross-entropy per dropout sample (the mean
+# of CE_a and CE_b, so it compares with a run without R-Drop) and the symmetric KL between the two
+# samples (R-Drop runs only). Evaluation scalars are logged under the split's name (val/ or test/).
+TRAIN_LOSSES = {"loss": "objective", "ce": "cross_entropy", "kl": "symmetric_kl"}
+EVAL_SCALARS = ("top1", "top5", "cross_entropy")
+
+
+def train_scalars(losses, two_samples):
+    """The step's losses (rdrop.loss names) under their logged names; no KL for a single-sample run."""
+    return {logged: losses[name] for name, logged in TRAIN_LOSSES.items() if name != "kl" or two_samples}
+
+
+def eval_scalars(metrics):
+    return {"top1": metrics["top1"], "top5": metrics["top5"], "cross_entropy": metrics["loss"]}
 
 
 def format_duration(seconds):
@@ -75,10 +179,10 @@ def format_duration(seconds):
 
 
 def progress_line(step, total_steps, values, img_per_s, eta_seconds):
-    """One console line; `kl` is shown only when present (a run without R-Drop has none)."""
-    kl = f"  kl {values['kl']:.4f}" if "kl" in values else ""
+    """One console line; `symmetric_kl` is shown only when present (a run without R-Drop has none)."""
+    kl = f"  symmetric_kl {values['symmetric_kl']:.4f}" if "symmetric_kl" in values else ""
     return (
-        f"step {step}/{total_steps}  loss {values['loss']:.4f}  ce {values['ce']:.4f}{kl}  "
-        f"lr {values['lr']:.3e}  grad_norm {values['grad_norm']:.3f}  {img_per_s:.1f} img/s  "
-        f"eta {format_duration(eta_seconds)}"
+        f"step {step}/{total_steps}  objective {values['objective']:.4f}  "
+        f"cross_entropy {values['cross_entropy']:.4f}{kl}  lr {values['lr']:.3e}  "
+        f"grad_norm {values['grad_norm']:.3f}  {img_per_s:.1f} img/s  eta {format_duration(eta_seconds)}"
     )

@@ -28,17 +28,17 @@ def test_a_run_writes_every_output(tmp_path, archive):
     reader = LogReader(file_path=str(next((run / "vdl").iterdir())))
     tags = set(reader.get_tags()["scalar"])
     assert {
-        "train/loss",
-        "train/ce",
-        "train/kl",
+        "train/objective",
+        "train/cross_entropy",
+        "train/symmetric_kl",
         "train/lr",
         "train/grad_norm",
         "train/img_per_s",
-        "eval/top1",
-        "eval/top5",
-        "eval/loss",
+        "test/top1",
+        "test/top5",
+        "test/cross_entropy",
     } <= tags
-    assert [record.id for record in reader.get_data("scalar", "train/loss")] == [2, 4, 6]
+    assert [record.id for record in reader.get_data("scalar", "train/objective")] == [2, 4, 6]
 
 
 def test_resumed_run_ends_with_bitwise_identical_weights(tmp_path, archive, monkeypatch):
