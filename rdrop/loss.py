@@ -77,7 +77,12 @@ def rdrop_logits(model, images, two_samples, concat_batch=True):
 
 
 class RDropLoss:
-    """`criterion(logits_a, logits_b, labels)` -> {'loss', 'ce', 'kl'}; `logits_b=None` when alpha == 0."""
+    """`criterion(logits_a, logits_b, labels)` -> {'loss', 'ce', 'kl'}; `logits_b=None` when alpha == 0.
+
+    'loss' is the objective above (CE(a) + CE(b) + alpha * KL_sym; CE(a) alone without a second
+    sample); 'ce' is the cross-entropy per sample, the mean of CE(a) and CE(b), which means the same
+    with one sample or two, so R-Drop and plain runs compare.
+    """
 
     def __init__(self, alpha, kl_reduction="sum"):
         if alpha < 0:
@@ -92,10 +97,10 @@ class RDropLoss:
         return self.alpha > 0
 
     def __call__(self, logits_a, logits_b, labels):
-        ce = cross_entropy(logits_a, labels)
+        ce_a = cross_entropy(logits_a, labels)
         if logits_b is None:
-            kl = paddle.zeros([], dtype="float32")
-        else:
-            ce = ce + cross_entropy(logits_b, labels)
-            kl = symmetric_kl(logits_a, logits_b, self.kl_reduction)
-        return {"loss": ce + self.alpha * kl, "ce": ce, "kl": kl}
+            zero = paddle.zeros([], dtype="float32")
+            return {"loss": ce_a, "ce": ce_a, "kl": zero}
+        ce_b = cross_entropy(logits_b, labels)
+        kl = symmetric_kl(logits_a, logits_b, self.kl_reduction)
+        return {"loss": ce_a + ce_b + self.alpha * kl, "ce": (ce_a + ce_b) / 2, "kl": kl}

@@ -1,12 +1,21 @@
-"""Plot training loss, R-Drop KL and evaluation top-1 of several runs on one figure.
+"""Plot the training cross-entropy, R-Drop's KL and the top-1 of several runs on one figure.
 
     python scripts/plot_curves.py output/vit_b16_cifar100 output/vit_b16_cifar100_rdrop --output curves.png
 
-Reads the VisualDL scalars each run wrote into RUN_DIR/vdl (`train/loss`, `train/kl`, `eval/top1`)
-and draws one panel per quantity against the optimizer step, one curve per run, labelled with the
-run folder's name. A resumed run has one VisualDL file per session; they are merged, the later
-session's value winning where both logged the same step. A run without one of the tags is drawn
-without that curve (and a note is logged); a folder without VisualDL logs is an error.
+Reads the VisualDL scalars each run wrote into RUN_DIR/vdl and draws one panel per quantity against
+the optimizer step, one curve per run, labelled with the run folder's name:
+
+- `train/cross_entropy`: the training cross-entropy per dropout sample (an R-Drop run's is the mean
+  of its two passes), so runs with and without R-Drop compare;
+- `train/symmetric_kl`: the symmetric KL between the two dropout passes (R-Drop runs only);
+- `val/top1` or `test/top1`: top-1 during training on the split the run selected on, named in the
+  legend.
+
+Runs written before these names existed are read too: their `train/ce` was the sum of both passes'
+cross-entropies when the run logged `train/kl`, and is halved; their `eval/top1` did not record its
+split. Older runs kept one VisualDL file per session; they are merged, the later session's value
+winning where both logged the same step. A run without one of the quantities is drawn without that
+curve (and a note is logged); a folder without VisualDL logs is an error.
 """
 
 import argparse
@@ -30,12 +39,19 @@ from visualdl import LogReader
 
 logger = logging.getLogger("plot_curves")
 
-VISUALDL_DIR = "vdl"  # where train.py's rdrop.logs.MetricsWriter writes
 PANELS = (
-    ("train/loss", "training loss (CE + alpha KL)"),
-    ("train/kl", "symmetric KL between the two dropout passes"),
-    ("eval/top1", "evaluation top-1 (%)"),
+    ("cross_entropy", "training cross-entropy per dropout sample\n(train/cross_entropy)"),
+    ("symmetric_kl", "symmetric KL between the two dropout passes\n(train/symmetric_kl)"),
+    ("top1", "top-1 (%) on the selection split during training\n(val/top1 or test/top1)"),
 )
+# Where each panel's values are, newest name first: (tag, split shown in the legend, scale).
+SOURCES = {
+    "cross_entropy": (("train/cross_entropy", None, 1.0), ("train/ce", None, None)),
+    "symmetric_kl": (("train/symmetric_kl", None, 1.0), ("train/kl", None, 1.0)),
+    "top1": (("val/top1", "val", 1.0), ("test/top1", "test", 1.0), ("eval/top1", "split not recorded", 1.0)),
+}
+OLD_SUMMED_CE, OLD_KL = "train/ce", "train/kl"
+ALL_TAGS = [tag for sources in SOURCES.values() for tag, _, _ in sources]
 
 
 def parse_args(argv=None):
@@ -46,10 +62,10 @@ def parse_args(argv=None):
 
 
 def visualdl_files(run_dir):
-    files = sorted(glob.glob(os.path.join(run_dir, VISUALDL_DIR, "vdlrecords.*.log")), key=_written_at)
+    files = sorted(glob.glob(os.path.join(run_dir, logs.VISUALDL_DIR, logs.VISUALDL_FILES)), key=_written_at)
     if not files:
         raise UserError(
-            f"'{run_dir}' holds no VisualDL logs ({os.path.join(run_dir, VISUALDL_DIR)}/vdlrecords.*.log "
+            f"'{run_dir}' holds no VisualDL logs ({os.path.join(run_dir, logs.VISUALDL_DIR, logs.VISUALDL_FILES)} "
             f"is missing). Pass the train.output_dir of a training run."
         )
     return files
@@ -81,6 +97,20 @@ def read_scalars(files, tags):
     }
 
 
+def panel_curves(scalars):
+    """{panel: (steps, values, split or None)} of one run from its {tag: (steps, values)}."""
+    curves = {}
+    for panel, sources in SOURCES.items():
+        for tag, split, scale in sources:
+            if tag in scalars:
+                steps, values = scalars[tag]
+                if scale is None:  # the old summed CE: two passes when the run logged a KL, else one
+                    scale = 0.5 if OLD_KL in scalars else 1.0
+                curves[panel] = (steps, [value * scale for value in values], split)
+                break
+    return curves
+
+
 def run_labels(run_dirs):
     """Each run's folder name, or its last two path parts where folder names repeat."""
     names = [os.path.basename(os.path.normpath(run)) for run in run_dirs]
@@ -91,21 +121,22 @@ def run_labels(run_dirs):
 
 
 def plot(runs, output):
-    """Draw {label: {tag: (steps, values)}} into `output`; returns {tag: labels of the runs drawn}."""
+    """Draw {label: {panel: (steps, values, split)}} into `output`; returns {panel: legend entries drawn}."""
     figure, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4.5), constrained_layout=True)
     drawn = {}
-    for axis, (tag, title) in zip(axes, PANELS):
-        drawn[tag] = []
-        for index, (label, scalars) in enumerate(runs.items()):
-            if tag not in scalars:
+    for axis, (panel, title) in zip(axes, PANELS):
+        drawn[panel] = []
+        for index, (label, curves) in enumerate(runs.items()):
+            if panel not in curves:
                 continue
-            steps, values = scalars[tag]
-            axis.plot(steps, values, label=label, color=f"C{index}", marker="o" if len(steps) < 30 else None)
-            drawn[tag].append(label)
-        axis.set_title(f"{title}\n{tag}", fontsize=10)
+            steps, values, split = curves[panel]
+            legend = f"{label} ({split})" if split else label
+            axis.plot(steps, values, label=legend, color=f"C{index}", marker="o" if len(steps) < 30 else None)
+            drawn[panel].append(legend)
+        axis.set_title(title, fontsize=10)
         axis.set_xlabel("optimizer step")
         axis.grid(alpha=0.3)
-        if drawn[tag]:
+        if drawn[panel]:
             axis.legend(fontsize=8)
         else:
             axis.text(0.5, 0.5, "no run logged this", ha="center", va="center", transform=axis.transAxes)
@@ -125,12 +156,15 @@ def plot(runs, output):
 def main(argv=None):
     args = parse_args(argv)
     logs.setup_single_process()
-    tags = [tag for tag, _ in PANELS]
-    runs = {label: read_scalars(visualdl_files(run), tags) for label, run in zip(run_labels(args.runs), args.runs)}
-    for label, scalars in runs.items():
-        for tag in tags:
-            if tag not in scalars:
-                logger.warning("note: run %s logged no %s; its curve is left out", label, tag)
+    runs = {
+        label: panel_curves(read_scalars(visualdl_files(run), ALL_TAGS))
+        for label, run in zip(run_labels(args.runs), args.runs)
+    }
+    for label, curves in runs.items():
+        for panel, _ in PANELS:
+            if panel not in curves:
+                tags = " or ".join(tag for tag, _, _ in SOURCES[panel])
+                logger.warning("note: run %s logged no %s; its curve is left out", label, tags)
     drawn = plot(runs, args.output)
     logger.info("Wrote %s (%d run(s))", args.output, len(runs))
     return drawn

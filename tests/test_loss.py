@@ -79,7 +79,7 @@ def test_gradient_matches_finite_differences():
     np.testing.assert_allclose(logits_a.grad.numpy(), numeric, atol=1e-5)
 
 
-def test_rdrop_loss_is_two_cross_entropies_plus_weighted_kl():
+def test_rdrop_objective_is_two_cross_entropies_plus_weighted_kl_and_logs_their_mean():
     rng = np.random.default_rng(5)
     a, b = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
     labels = np.array([0, 2, 1, 2])
@@ -88,12 +88,14 @@ def test_rdrop_loss_is_two_cross_entropies_plus_weighted_kl():
         log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         return -log_p[np.arange(4), labels].mean()
 
-    expected_ce = mean_nll(a) + mean_nll(b)
     expected_kl = symmetric_kl_rows(a, b).sum() / 4
     out = RDropLoss(alpha=0.7, kl_reduction="batchmean")(tensor(a), tensor(b), paddle.to_tensor(labels))
-    assert float(out["ce"]) == pytest.approx(expected_ce, rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(mean_nll(a) + mean_nll(b) + 0.7 * expected_kl, rel=1e-5)
     assert float(out["kl"]) == pytest.approx(expected_kl, rel=1e-5)
-    assert float(out["loss"]) == pytest.approx(expected_ce + 0.7 * expected_kl, rel=1e-5)
+    # The logged cross-entropy is per sample, so it reads the same as a single-sample run's.
+    assert float(out["ce"]) == pytest.approx((mean_nll(a) + mean_nll(b)) / 2, rel=1e-5)
+    single = RDropLoss(alpha=0.0)(tensor(a), None, paddle.to_tensor(labels))
+    assert float(single["ce"]) == pytest.approx(mean_nll(a), rel=1e-5)
 
 
 def test_single_pass_when_alpha_is_zero():

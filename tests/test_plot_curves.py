@@ -24,24 +24,32 @@ def test_two_runs_are_plotted_and_a_missing_tag_is_noted(tmp_path, capsys):
     write_session(
         tmp_path / "baseline",
         "vdlrecords.100.log",
-        {
-            "train/loss": [(2, 4.0), (4, 3.5), (6, 3.0)],
-            "train/kl": [(2, 0.0), (4, 0.0), (6, 0.0)],
-            "eval/top1": [(3, 10.0), (6, 20.0)],
-        },
+        {"train/cross_entropy": [(2, 4.0), (4, 3.5), (6, 3.0)], "val/top1": [(3, 10.0), (6, 20.0)]},
     )
     write_session(
         tmp_path / "rdrop",
         "vdlrecords.100.log",
-        {"train/loss": [(2, 4.2), (4, 3.6), (6, 3.1)], "train/kl": [(2, 0.5), (4, 0.3), (6, 0.2)]},
+        {"train/cross_entropy": [(2, 4.2), (4, 3.6), (6, 3.1)], "train/symmetric_kl": [(2, 0.5), (4, 0.3), (6, 0.2)]},
     )
     output = tmp_path / "figures" / "curves.png"
     drawn = plot_curves.main([str(tmp_path / "baseline"), str(tmp_path / "rdrop"), "--output", str(output)])
-    assert drawn == {"train/loss": ["baseline", "rdrop"], "train/kl": ["baseline", "rdrop"], "eval/top1": ["baseline"]}
-    assert "rdrop logged no eval/top1" in capsys.readouterr().out
+    assert drawn == {"cross_entropy": ["baseline", "rdrop"], "symmetric_kl": ["rdrop"], "top1": ["baseline (val)"]}
+    notes = capsys.readouterr().out
+    assert "baseline logged no train/symmetric_kl" in notes and "rdrop logged no val/top1" in notes
     assert output.read_bytes()[:8] == PNG_SIGNATURE
     pixels = matplotlib.image.imread(str(output))
     assert pixels.shape[0] > 100 and np.ptp(pixels[..., :3]) > 0.5  # something was drawn on it
+
+
+def test_runs_logged_before_the_renaming_are_read_with_the_cross_entropy_per_pass():
+    """Old R-Drop runs logged train/ce = CE_a + CE_b (and train/kl); old plain runs one CE and no KL."""
+    old_rdrop = {"train/ce": ([2, 4], [8.0, 6.0]), "train/kl": ([2, 4], [0.5, 0.4]), "eval/top1": ([4], [30.0])}
+    old_plain = {"train/ce": ([2, 4], [4.0, 3.0])}
+    rdrop_curves = plot_curves.panel_curves(old_rdrop)
+    assert rdrop_curves["cross_entropy"] == ([2, 4], [4.0, 3.0], None)
+    assert rdrop_curves["symmetric_kl"] == ([2, 4], [0.5, 0.4], None)
+    assert rdrop_curves["top1"] == ([4], [30.0], "split not recorded")
+    assert plot_curves.panel_curves(old_plain) == {"cross_entropy": ([2, 4], [4.0, 3.0], None)}
 
 
 def test_sessions_of_a_resumed_run_are_merged_the_later_one_winning(tmp_path):
