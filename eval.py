@@ -43,7 +43,7 @@ WORST_CLASSES_SHOWN = 5
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, .pdparams or Google .npz")
-    parser.add_argument("--config", help="YAML config; default: the config.yaml of the checkpoint's run")
+    config.add_arguments(parser, "YAML config; default: the config.yaml of the checkpoint's run")
     parser.add_argument("--output", help="write all metrics to this JSON file")
     parser.add_argument(
         "--split", default="test", choices=["test", "val"], help="which split to evaluate (val needs data.val_size > 0)"
@@ -54,14 +54,6 @@ def parse_args(argv=None):
         default=0,
         metavar="K",
         help="also measure how K dropout samples disagree with the deterministic prediction",
-    )
-    parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key; the value is parsed as YAML; repeatable",
     )
     return parser.parse_args(argv)
 

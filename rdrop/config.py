@@ -411,6 +411,26 @@ def _as_yaml(value):
     return str(value)
 
 
+SECTIONS_HELP = (
+    f"config sections: {', '.join(SCHEMA)}.\nEvery key, its default, allowed values and meaning: "
+    f"docs/configuration.md\n(the same table: python -m rdrop.config)."
+)
+
+
+def add_arguments(parser, config_help, required=False):
+    """`-c/--config` (PaddleClas users type -c) and `-o section.key=value`, as every entry point spells them."""
+    parser.add_argument("-c", "--config", required=required, help=config_help)
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key; the value is parsed as YAML; repeatable",
+    )
+    parser.epilog = SECTIONS_HELP
+
+
 def reference_table():
     """docs/configuration.md's table of every key, generated from SCHEMA so the two never disagree."""
     rows = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
@@ -421,4 +441,10 @@ def reference_table():
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        description="Print the Markdown table of every config key (default, allowed values, meaning) that "
+        "docs/configuration.md holds: python -m rdrop.config > table.md"
+    ).parse_args()
     print(reference_table())

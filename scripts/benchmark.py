@@ -88,15 +88,7 @@ MODES = ("rdrop", "plain", "eval")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: the config system's defaults, ViT-B/16 at 224 px)")
-    parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key; the value is parsed as YAML; repeatable",
-    )
+    config.add_arguments(parser, "YAML config (default: the config system's defaults, ViT-B/16 at 224 px)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (or evaluation batches) per mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to measure")

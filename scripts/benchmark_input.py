@@ -43,7 +43,7 @@ GPU_IMAGES_PER_SECOND = 3000
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config (img_size, micro_batch_size, crop_scale)")
+    parser.add_argument("-c", "--config", help="YAML config (img_size, micro_batch_size, crop_scale)")
     parser.add_argument("--img-size", type=int, help="output size (default: model.img_size)")
     parser.add_argument("--batch-size", type=int, help="micro-batch size (default: train.micro_batch_size)")
     parser.add_argument("--images", type=int, default=256, help="images per round of a host measurement")

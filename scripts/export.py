@@ -50,16 +50,8 @@ CHECK_SEED = 0
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, .pdparams or Google .npz")
-    parser.add_argument("--config", help="YAML config; default: the config.yaml of the checkpoint's run")
+    config.add_arguments(parser, "YAML config; default: the config.yaml of the checkpoint's run")
     parser.add_argument("--output", required=True, help="folder to write the inference model into")
-    parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key; the value is parsed as YAML; repeatable",
-    )
     return parser.parse_args(argv)
 
 
