@@ -60,8 +60,11 @@ def main(argv=None):
     cfg = config.load(args.config, args.override)
     train_cfg = cfg["train"]
     cpu_threads = runtime.configure_cpu(train_cfg["cpu_threads"])
+    # Checked before anything is written, and before joining the job, so that under the launcher the
+    # paragraph is not buried in the collective set-up's output (the console shows a failed worker's
+    # last lines).
+    accumulation = accumulation_steps(train_cfg, paddle.distributed.get_world_size())
     context = distributed.init()
-    accumulation = accumulation_steps(train_cfg, context.world_size)  # checked before anything is written
     output_dir = train_cfg["output_dir"]
     resume_from = checkpoint.resolve_resume(train_cfg, context)
     if context.is_main:

@@ -9,7 +9,7 @@ from rdrop import config
 from rdrop.step import accumulation_steps
 
 import pytest
-from run_helpers import ROOT, load_script
+from run_helpers import ROOT, launch_command, load_script
 
 import data
 import eval as eval_script
@@ -58,3 +58,21 @@ def test_quickstart_batches_divide_on_one_and_two_processes(processes):
         images, labels = next(stream)
         assert images.shape[0] == labels.shape[0] == train_cfg["micro_batch_size"]
         stream.close()
+
+
+@pytest.mark.slow
+def test_a_batch_size_error_under_the_launcher_is_the_last_thing_the_worker_said(tmp_path):
+    command = launch_command(
+        ["-c", "configs/quickstart.yaml", "-o", "train.micro_batch_size=48", "-o", f"train.output_dir={tmp_path}/run"],
+        tmp_path / "logs",
+    )
+    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    console = result.stdout  # as a terminal interleaves the launcher's and the workers' streams
+    paragraph = (
+        "error: train.global_batch_size (64) must be a multiple of train.micro_batch_size x devices (48 x 2 = 96)"
+    )
+    assert result.returncode != 0
+    # The launcher ends with the failed worker's last lines: the paragraph, and nothing of fleet's set-up.
+    failed_worker_detail = console.split("ERROR LOG DETAIL")[-1]
+    assert paragraph in failed_worker_detail
+    assert "HybridParallelInfo" not in failed_worker_detail and "Traceback" not in console
