@@ -71,15 +71,17 @@ def _build_and_load(name):
     with open(directory / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         library = directory / name / f"{name}.so"
-        with _captured_output() as output:
-            if library.exists():
+        if library.exists():
+            with _captured_output():
                 try:
                     # Load the library directly: `load` would re-run setuptools (2 s). Paddle registers
                     # the operators once per process, so this runs once (kernels() is cached).
                     return extension_utils._import_module_from_library(name, str(library.parent))
                 except Exception:  # e.g. a build killed while linking: build it again
                     pass
-            logger.info("Compiling the CPU kernels (models/cpu_kernels.cc), once for this machine: about 25 s")
+        # Outside the capture, so the console says why it is silent for the next 25 s.
+        logger.info("Compiling the CPU kernels (models/cpu_kernels.cc), once for this machine: about 25 s")
+        with _captured_output() as output:
             try:
                 return load(
                     name=name,

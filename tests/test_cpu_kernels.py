@@ -5,11 +5,15 @@ thread count, and the fallback to Paddle's kernels."""
 
 import logging
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
+from run_helpers import ROOT
 from vit_reference import tiny_model_cfg
 
 import models
@@ -221,3 +225,21 @@ def test_a_failed_build_warns_once_and_falls_back_to_paddles_kernels(monkeypatch
         monkeypatch.setattr(cpu_kernels, "_build_and_load", lambda name: loaded)
         cpu_kernels.kernels.cache_clear()
         assert cpu_kernels.kernels() is loaded
+
+
+def test_the_first_build_is_announced_on_the_console(tmp_path):
+    """The compiler's output is hidden while it runs; the line saying why the console is silent is not."""
+    script = """
+import paddle.utils.cpp_extension
+from rdrop import distributed, logs
+from models import cpu_kernels
+paddle.utils.cpp_extension.load = lambda **kwargs: print("compiler chatter") or "built"
+logs.setup(distributed.Context(0, 1))
+assert cpu_kernels._build_and_load("rdrop_test_kernels") == "built"
+"""
+    environment = dict(os.environ, PADDLE_EXTENSION_DIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Compiling the CPU kernels" in result.stdout and "compiler chatter" not in result.stdout
