@@ -30,8 +30,6 @@ import os
 from rdrop import config, distributed, evaluation, logs, runtime
 from rdrop.errors import UserError, exit_on_user_error
 
-import paddle
-
 import data
 import models
 
@@ -117,9 +115,9 @@ def main(argv=None):
             logger.warning(
                 "model.dropout, attn_dropout and drop_path are all 0: every sample equals the deterministic prediction"
             )
-        paddle.seed(cfg["train"]["seed"] + context.rank)  # reproducible dropout masks, different per rank
+        whole_split = data.build_eval_loader(cfg, args.split, rank=0, world_size=1)  # see dropout_consistency
         metrics["consistency"] = evaluation.dropout_consistency(
-            model, loader, args.consistency, context, cfg["train"]["amp"]
+            model, whole_split, args.consistency, cfg["train"]["seed"], context, cfg["train"]["amp"]
         )
 
     class_names = list(data.class_names(cfg))

@@ -14,7 +14,7 @@ accumulation stays on the device; the only copy to the host is of the final tota
 import contextlib
 import os
 
-from rdrop import checkpoint, distributed
+from rdrop import checkpoint, distributed, logs
 from rdrop.errors import UserError
 from rdrop.loss import cross_entropy, symmetric_kl
 from rdrop.precision import autocast
@@ -104,8 +104,9 @@ def evaluate(model, loader, num_classes, context, amp="none"):
     top5_sum = paddle.zeros([1], dtype="float64")
     count_per_class = paddle.zeros([num_classes], dtype="float64")
     k = min(5, num_classes)
+    progress = logs.Progress("evaluating: batch", len(loader), show=context.is_main)
     with _mode(model, training=False):
-        for images, labels in loader:
+        for batch, (images, labels) in enumerate(loader, 1):
             labels = labels.reshape([-1]).astype("int64")
             with autocast(amp):
                 logits = model(images)
@@ -117,6 +118,7 @@ def evaluate(model, loader, num_classes, context, amp="none"):
             top1_per_class += (one_hot * hits[:, :1]).sum(0)
             top5_sum += hits.sum()
             count_per_class += one_hot.sum(0)
+            progress.update(batch)
     totals = paddle.concat([loss_sum, top5_sum, top1_per_class, count_per_class])
     totals = distributed.all_reduce_sum(totals, context).numpy()
     loss, top5, top1_per_class = totals[0], totals[1], totals[2 : 2 + num_classes]
@@ -142,8 +144,14 @@ def worst_classes(metrics, class_names, count):
     ]
 
 
+def consistency_seed(seed, batch, sample):
+    """The dropout seed of pass `sample` over batch `batch` of the whole split (hashing a tuple of
+    ints gives the same number in every process)."""
+    return hash((seed, batch, sample)) % (2**31 - 1)
+
+
 @paddle.no_grad()
-def dropout_consistency(model, loader, samples, context, amp="none"):
+def dropout_consistency(model, loader, samples, seed, context, amp="none"):
     """How far `samples` stochastic passes stray from the deterministic prediction.
 
     This is the train/inference inconsistency R-Drop is meant to reduce. For every image, the
@@ -151,13 +159,23 @@ def dropout_consistency(model, loader, samples, context, amp="none"):
     attention dropout and stochastic depth on, as in training). Returns the mean symmetric KL per
     image and pass, and the percentage of (image, pass) pairs whose top-1 class differs from the
     deterministic one.
+
+    `loader` goes over the whole split on every rank (not a shard) and rank r takes the batches
+    r, r + world_size, ...; each pass is seeded by `consistency_seed(seed, batch, sample)`. An
+    image's dropout masks therefore depend on its batch of the split only, so the numbers are the
+    same on any number of processes (a shard's batches would regroup images when it changes).
     """
     totals = paddle.zeros([3], dtype="float64")
-    for images, labels in loader:
+    progress = logs.Progress("dropout consistency: batch", len(loader), show=context.is_main)
+    for batch, (images, labels) in enumerate(loader):
+        progress.update(batch + 1)
+        if batch % context.world_size != context.rank:
+            continue
         with _mode(model, training=False), autocast(amp):
             reference = model(images).astype("float32")
         with _mode(model, training=True):
-            for _ in range(samples):
+            for sample in range(samples):
+                paddle.seed(consistency_seed(seed, batch, sample))
                 with autocast(amp):
                     sampled = model(images).astype("float32")
                 changed = (sampled.argmax(-1) != reference.argmax(-1)).astype("float64").sum()

@@ -121,35 +121,33 @@ def _scalars_up_to(files, last_step):
 
 
 class Progress:
-    """Progress of a long loop on the console, as training shows it: `label i/total (pct), eta`.
+    """Progress of a long loop on the console, as training shows it: `label i/total, elapsed, eta`.
 
-    Silent for loops that finish within `quiet_seconds`; then one line every `every_seconds` at
-    most, and a last line at the end. Only where `show` is true (rank 0).
+    Silent for a loop that finishes within `quiet_seconds`; after that one line every
+    `every_seconds` at most, and a last line at the end. Only where `show` is true (rank 0).
     """
 
-    def __init__(self, label, total, show=True, quiet_seconds=5.0, every_seconds=15.0):
+    def __init__(self, label, total, show=True, quiet_seconds=5.0, every_seconds=15.0, clock=time.perf_counter):
         self.label, self.total, self.show = label, total, show
-        self.every_seconds = every_seconds
-        self.start = time.perf_counter()
+        self.every_seconds, self.clock = every_seconds, clock
+        self.start = clock()
         self.next_report = self.start + quiet_seconds
         self.reported = False
 
     def update(self, done):
-        now = time.perf_counter()
-        if not self.show or (now < self.next_report and not (self.reported and done >= self.total)):
+        """Report that `done` of `total` items are finished (done >= 1)."""
+        now = self.clock()
+        finished_after_a_report = self.reported and done >= self.total
+        if not self.show or (now < self.next_report and not finished_after_a_report):
             return
         elapsed = now - self.start
-        eta = elapsed / done * (self.total - done) if done else float("nan")
-        eta_text = format_duration(eta) if done else "?"
-        percent = 100.0 * done / self.total if self.total else 100.0
         logger.info(
-            "%s %d/%d (%.0f%%), %s elapsed, eta %s",
+            "%s %d/%d, %s elapsed, eta %s",
             self.label,
             done,
             self.total,
-            percent,
             format_duration(elapsed),
-            eta_text,
+            format_duration(elapsed / done * (self.total - done)),
         )
         self.reported = True
         self.next_report = now + self.every_seconds

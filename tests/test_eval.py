@@ -151,14 +151,15 @@ def test_dropout_consistency_averages_over_images_and_passes(tmp_path, archive):
     images = paddle.to_tensor(np.random.default_rng(3).standard_normal((6, 3, 16, 16)).astype(np.float32))
     labels = paddle.zeros([6], dtype="int64")
     samples = 4
-    paddle.seed(11)
     model.eval()
     reference = model(images).numpy()
     model.train()
-    sampled = [model(images).numpy() for _ in range(samples)]
+    sampled = []
+    for sample in range(samples):
+        paddle.seed(evaluation.consistency_seed(11, 0, sample))
+        sampled.append(model(images).numpy())
     model.eval()
-    paddle.seed(11)
-    result = evaluation.dropout_consistency(model, [(images, labels)], samples, Context(0, 1))
+    result = evaluation.dropout_consistency(model, [(images, labels)], samples, 11, Context(0, 1))
     kl = np.mean([symmetric_kl_rows(logits, reference) for logits in sampled])
     changed = np.mean([logits.argmax(-1) != reference.argmax(-1) for logits in sampled])
     assert kl > 0
@@ -202,3 +203,20 @@ def test_every_image_is_counted_once_on_several_processes(tmp_path, archive, pro
         assert several[key] == single[key], key
     assert several["loss"] == pytest.approx(single["loss"], rel=1e-6)
     assert 0 < single["top5"] < 100  # generic predictions, not a degenerate all-or-nothing case
+
+
+@pytest.mark.slow
+def test_consistency_is_the_same_on_one_two_and_three_processes(tmp_path, archive):
+    """Each image's dropout masks must not depend on which rank evaluates it."""
+    run, _, _ = write_run(tmp_path, archive, "ranks", random_weights(), model={"dropout": 0.3}, eval={"batch_size": 4})
+    arguments = ["--checkpoint", str(run / "best.pdparams"), "--consistency", "2"]
+    results = []
+    for processes in (1, 2, 3):
+        output = tmp_path / f"m{processes}.json"
+        result = launch(arguments + ["--output", str(output)], tmp_path / f"logs{processes}", processes, "eval.py")
+        assert result.returncode == 0, result.stdout + result.stderr
+        results.append(json.loads(output.read_text())["consistency"])
+    assert results[0]["symmetric_kl"] > 0
+    for several in results[1:]:
+        assert several["symmetric_kl"] == pytest.approx(results[0]["symmetric_kl"], rel=1e-9)
+        assert several["disagreement"] == pytest.approx(results[0]["disagreement"], rel=1e-9)
