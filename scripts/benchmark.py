@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py --config configs/vit_b16_cifar100_rdrop.yaml --steps 20
     python scripts/benchmark.py --config configs/cpu_comparison.yaml --steps 5 --warmup 2 \
-        --torch-reference ../shared/bench/torch_reference.py      # side by side with PyTorch (CPU)
+        --torch-reference scripts/torch_reference.py      # side by side with PyTorch (CPU)
     python scripts/benchmark.py --config CFG --recompute --json out.json   # + what recompute saves
 
 The model, loss, optimizer, loss scaler, AMP and `train.to_static` settings are built from the config
@@ -29,10 +29,11 @@ distinct image, evaluation 1x; recomputation's extra forward is not counted (mod
 convention). Utilisation is that rate over --peak-tflops, which defaults to the dense tensor-core
 peak of known GPUs (16-bit with train.amp bf16/fp16, TF32 without) and to none on CPU.
 
---torch-reference PATH also times a PyTorch implementation of the same step (a script taking
-torch_reference.py's arguments and printing its JSON line) with the config's model size, batch,
+--torch-reference PATH also times a PyTorch implementation of the same step (scripts/torch_reference.py,
+or any script taking its arguments and printing its JSON line) with the config's model size, batch,
 alpha and train.cpu_threads, R-Drop and plain, each right after the same Paddle mode, so both
-frameworks see the same machine load. PyTorch is needed only for that, never by this repository.
+frameworks see the same machine load. PyTorch is needed only for that, never by this repository:
+`pip install torch==2.13.0` (a CPU build) to run it.
 
 Prints a table, then one JSON object (also written to --json).
 """
@@ -100,7 +101,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--torch-reference",
         metavar="PATH",
-        help="also time this PyTorch reference script (R-Drop and plain), interleaved",
+        help="also time this PyTorch reference script, e.g. scripts/torch_reference.py (R-Drop and plain), "
+        "interleaved; needs pip install torch==2.13.0",
     )
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for the utilisation column")
     parser.add_argument("--json", help="also write the JSON result to this file")
