@@ -1,6 +1,16 @@
 """What VisualDL shows of a run, read through VisualDL's own server API (what its web page shows):
 one run per training folder with every scalar at every step exactly once, however often the run was
-killed and resumed, and a hyper-parameter table with names the page displays."""
+killed and resumed, and a hyper-parameter table with names the page displays.
+
+The page itself is checked by hand, not here (CI would need a browser): with a run in output/,
+
+    visualdl --logdir output --host 127.0.0.1 --port 8040 &
+    chromium --headless --no-sandbox --disable-gpu --window-size=1600,1000 --virtual-time-budget=15000 \
+        --user-data-dir=$(mktemp -d) --screenshot=scalars.png http://127.0.0.1:8040/app/scalar
+
+and the same for http://127.0.0.1:8040/app/hyper-parameter: one line per tag, and a table whose
+cells are filled (names with a dot would leave them blank).
+"""
 
 import json
 import shutil
