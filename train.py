@@ -213,14 +213,17 @@ def main(argv=None):
         test = evaluation.evaluate(
             trainer.ddp_model, test_loader, cfg["model"]["num_classes"], context, train_cfg["amp"]
         )
+        best_weights = os.path.join(output_dir, checkpoint.BEST_WEIGHTS)
+        if best is not None and best["step"] == step:
+            which = f"which are also the best on val ({best_weights})"
+        else:
+            which = f"not the best-on-val weights; test those with: python eval.py --checkpoint {best_weights}"
         logger.info(
-            "Test split, weights of the last step (%d): top1 %.2f  top5 %.2f. The best-on-val weights "
-            "(%s) were not tested; test them with: python eval.py --checkpoint %s",
+            "Test split, weights of the last step (%d): top1 %.2f  top5 %.2f; %s",
             step,
             test["top1"],
             test["top5"],
-            checkpoint.BEST_WEIGHTS,
-            os.path.join(output_dir, checkpoint.BEST_WEIGHTS),
+            which,
         )
     watchdog.stop()  # from here on a rank that is done may exit before the others
     distributed.barrier(context)

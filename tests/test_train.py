@@ -110,3 +110,15 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, archive, mi
     # Only rank 0 writes, and both ranks report the same evaluation of every image counted once.
     assert (tmp_path / "ranks" / "train.log").read_text().count("(21 images;") == 2
     assert "max drift across ranks 0.000e+00" in (tmp_path / "ranks" / "train.log").read_text()
+
+
+def test_the_closing_test_line_says_which_weights_scored_it(tmp_path, archive):
+    train.main(["--config", tiny_config(tmp_path, archive, data={"val_size": 8})])
+    run = tmp_path / "run"
+    best_step = json.loads((run / "best.json").read_text())["step"]
+    (line,) = [line for line in (run / "train.log").read_text().splitlines() if "Test split" in line]
+    assert "weights of the last step (6)" in line
+    if best_step == 6:
+        assert "also the best on val" in line
+    else:
+        assert f"not the best-on-val weights; test those with: python eval.py --checkpoint {run}/best.pdparams" in line
