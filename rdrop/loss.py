@@ -99,8 +99,7 @@ class RDropLoss:
     def __call__(self, logits_a, logits_b, labels):
         ce_a = cross_entropy(logits_a, labels)
         if logits_b is None:
-            zero = paddle.zeros([], dtype="float32")
-            return {"loss": ce_a, "ce": ce_a, "kl": zero}
+            return {"loss": ce_a, "ce": ce_a, "kl": paddle.zeros([], dtype="float32")}
         ce_b = cross_entropy(logits_b, labels)
         kl = symmetric_kl(logits_a, logits_b, self.kl_reduction)
         return {"loss": ce_a + ce_b + self.alpha * kl, "ce": (ce_a + ce_b) / 2, "kl": kl}
