@@ -417,9 +417,9 @@ SECTIONS_HELP = (
 )
 
 
-def add_arguments(parser, config_help, required=False):
+def add_arguments(parser, config_help, required=False, default=None):
     """`-c/--config` (PaddleClas users type -c) and `-o section.key=value`, as every entry point spells them."""
-    parser.add_argument("-c", "--config", required=required, help=config_help)
+    parser.add_argument("-c", "--config", required=required, default=default, help=config_help)
     parser.add_argument(
         "-o",
         "--override",

@@ -82,15 +82,7 @@ def skipped(detail):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"the run to check (default: {DEFAULT_CONFIG})")
-    parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key; the value is parsed as YAML; repeatable",
-    )
+    config.add_arguments(parser, f"the run to check (default: {DEFAULT_CONFIG})", default=DEFAULT_CONFIG)
     parser.add_argument("--accumulation-worker", metavar="DIR", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -23,8 +23,9 @@ import train
         (eval_script.parse_args, ["--checkpoint", "w.pdparams"]),
         (load_script("benchmark").parse_args, []),
         (load_script("export").parse_args, ["--checkpoint", "w.pdparams", "--output", "out"]),
+        (load_script("gpu_check").parse_args, []),
     ],
-    ids=["train", "eval", "benchmark", "export"],
+    ids=["train", "eval", "benchmark", "export", "gpu_check"],
 )
 def test_dash_c_is_accepted_as_config(parse_args, required):
     assert parse_args(["-c", "configs/quickstart.yaml"] + required).config == "configs/quickstart.yaml"
