@@ -19,6 +19,7 @@ from rdrop.errors import UserError
 from rdrop.loss import cross_entropy, symmetric_kl
 from rdrop.precision import autocast
 
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 
@@ -145,9 +146,9 @@ def worst_classes(metrics, class_names, count):
 
 
 def consistency_seed(seed, batch, sample):
-    """The dropout seed of pass `sample` over batch `batch` of the whole split (hashing a tuple of
-    ints gives the same number in every process)."""
-    return hash((seed, batch, sample)) % (2**31 - 1)
+    """The dropout seed of pass `sample` over batch `batch` of the whole split: NumPy's SeedSequence
+    mixes the three numbers the same way in every process and Python version."""
+    return int(np.random.SeedSequence([seed, batch, sample]).generate_state(1)[0]) % (2**31 - 1)
 
 
 @paddle.no_grad()
