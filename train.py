@@ -68,7 +68,7 @@ def main(argv=None):
     output_dir = train_cfg["output_dir"]
     resume_from = checkpoint.resolve_resume(train_cfg, context)
     if context.is_main:
-        checkpoint.claim_output_dir(train_cfg)
+        checkpoint.claim_output_dir(train_cfg, resume_from)
         config.save(cfg, os.path.join(output_dir, "config.yaml"))
     logs.setup(context, output_dir if context.is_main else None)
     logger.info(

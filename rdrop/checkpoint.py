@@ -7,12 +7,15 @@ Layout under `train.output_dir`:
                         trainer_state.json  step, data-stream position, best metric, loss-scaler state
                                             (arrays, such as the fp16 loss scale, as tagged lists)
     best.pdparams, best.json                 weights with the best selection accuracy, and its metrics
+    .lock                                    held by the run using the folder (its host and pid)
 
 A checkpoint is written into a hidden `.step_<N>.partial` folder, every file flushed to disk, and only
-then renamed to `step_<N>`: the rename is atomic, so a folder named `step_<N>` is always complete,
-and a crash mid-save leaves the previous checkpoints untouched. Only rank 0 calls the writers.
+then renamed to `step_<N>` (rdrop/atomic.py): the rename is atomic, so a folder named `step_<N>` is
+always complete, and a crash mid-save leaves the previous checkpoints untouched. Only rank 0 calls
+the writers, and only after `claim_output_dir` has locked the folder for its run.
 """
 
+import fcntl
 import json
 import logging
 import os
@@ -20,7 +23,7 @@ import re
 import shutil
 import socket
 
-from rdrop import distributed
+from rdrop import atomic, distributed
 from rdrop.errors import UserError
 
 import numpy as np
@@ -35,14 +38,9 @@ STATE_FILE = "trainer_state.json"
 BEST_WEIGHTS = "best.pdparams"
 BEST_METRICS = "best.json"
 _STEP_FOLDER = re.compile(r"^step_(\d+)$")
-
-
-def _fsync_path(path):
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+_UNFINISHED_STEP_FOLDER = re.compile(r"^\.step_\d+\.(partial|old)$")  # see rdrop/atomic.py
+LOCK_FILE = ".lock"  # held by rank 0 of the run using the folder; holds its host and pid
+_held_locks = {}  # real path of a lock file -> its open file, kept open for the rest of the process
 
 
 _ARRAY_TAG = "__ndarray__"
@@ -92,24 +90,15 @@ def list_checkpoints(output_dir):
 
 def save(output_dir, step, model_state, optimizer_state, trainer_state, keep):
     """Write checkpoint `step` atomically, then delete all but the newest `keep` complete ones."""
-    folder = os.path.join(output_dir, CHECKPOINTS)
-    final = os.path.join(folder, f"step_{step}")
-    partial = os.path.join(folder, f".step_{step}.partial")
+    final = os.path.join(output_dir, CHECKPOINTS, f"step_{step}")
     try:
-        os.makedirs(folder, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-        paddle.save(model_state, os.path.join(partial, MODEL_FILE))
-        paddle.save(optimizer_state, os.path.join(partial, OPTIMIZER_FILE))
-        _write_json(dict(trainer_state, step=step), os.path.join(partial, STATE_FILE))
-        for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
-            _fsync_path(os.path.join(partial, name))
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _fsync_path(folder)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        with atomic.replacing(final) as partial:
+            os.makedirs(partial)
+            paddle.save(model_state, os.path.join(partial, MODEL_FILE))
+            paddle.save(optimizer_state, os.path.join(partial, OPTIMIZER_FILE))
+            _write_json(dict(trainer_state, step=step), os.path.join(partial, STATE_FILE))
     except OSError as error:
-        shutil.rmtree(partial, ignore_errors=True)
         raise _save_error(f"checkpoint '{final}'", error) from None
     for _, old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -119,11 +108,10 @@ def save(output_dir, step, model_state, optimizer_state, trainer_state, keep):
 def save_best(output_dir, model_state, metrics):
     """Replace best.pdparams and best.json, each by an atomic rename."""
     try:
-        for name, write in ((BEST_WEIGHTS, paddle.save), (BEST_METRICS, _write_json)):
-            target = os.path.join(output_dir, name)
-            write(model_state if name == BEST_WEIGHTS else metrics, target + ".partial")
-            _fsync_path(target + ".partial")
-            os.replace(target + ".partial", target)
+        with atomic.replacing(os.path.join(output_dir, BEST_WEIGHTS)) as partial:
+            paddle.save(model_state, partial)
+        with atomic.replacing(os.path.join(output_dir, BEST_METRICS)) as partial:
+            _write_json(metrics, partial)
     except OSError as error:
         raise _save_error(f"the best weights in '{output_dir}'", error) from None
 
@@ -294,24 +282,94 @@ def resolve_resume(train_cfg, context):
     return agree_on_resume(path, distributed.gather((step, socket.gethostname(), problem), context))
 
 
-def claim_output_dir(train_cfg):
-    """Refuse to start a fresh run on top of another run's checkpoints unless train.overwrite is set."""
+def _lock_holder(stream):
+    stream.seek(0)
+    return stream.read().strip() or "a process that has not yet written its name"
+
+
+def lock_output_dir(output_dir):
+    """Hold an exclusive lock on `output_dir` for the rest of this process, or a UserError naming
+    the run (host, pid) that holds it. The lock is the operating system's (flock), so it ends with
+    the process however that ends: a killed run never blocks its own resume."""
+    path = os.path.realpath(os.path.join(output_dir, LOCK_FILE))
+    if path in _held_locks:
+        return
+    stream = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(stream)
+        stream.close()
+        raise UserError(
+            f"Output folder '{output_dir}' is in use by another training run ({holder}). Two runs in "
+            f"one folder would overwrite and prune each other's checkpoints. Wait for that run to "
+            f"end (or stop it), or choose another train.output_dir."
+        ) from None
+    stream.seek(0)
+    stream.truncate()
+    stream.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    stream.flush()
+    _held_locks[path] = stream
+
+
+def _previous_results(output_dir):
+    """What a run left in `output_dir` that a fresh run would overwrite: checkpoints and best weights."""
+    folder = os.path.join(output_dir, CHECKPOINTS)
+    steps = [os.path.join(folder, name) for name in _listdir(folder) if _STEP_FOLDER.match(name)]
+    best = [os.path.join(output_dir, name) for name in (BEST_WEIGHTS, BEST_METRICS)]
+    return sorted(steps) + [path for path in best if os.path.lexists(path)]
+
+
+def _listdir(folder):
+    return os.listdir(folder) if os.path.isdir(folder) else []
+
+
+def _written_by_runs(output_dir):
+    """Everything `save` and `save_best` write, finished or not; never anything else in the folder."""
+    folder = os.path.join(output_dir, CHECKPOINTS)
+    ours = [
+        os.path.join(folder, name)
+        for name in _listdir(folder)
+        if _STEP_FOLDER.match(name) or _UNFINISHED_STEP_FOLDER.match(name)
+    ]
+    for name in (BEST_WEIGHTS, BEST_METRICS):
+        target = os.path.join(output_dir, name)
+        ours += [target, atomic.partial_path(target)]
+    return [path for path in ours if os.path.lexists(path)]
+
+
+def _resumes_in_place(output_dir, resume_from):
+    checkpoints = os.path.realpath(os.path.join(output_dir, CHECKPOINTS))
+    return resume_from is not None and os.path.realpath(resume_from).startswith(checkpoints + os.sep)
+
+
+def claim_output_dir(train_cfg, resume_from):
+    """Make `train.output_dir`, lock it for this run, and refuse to write over the checkpoints or best
+    weights a previous run left there, unless this run resumes from one of those checkpoints
+    (`resume_from`) or train.overwrite is set."""
     output_dir = train_cfg["output_dir"]
-    if train_cfg["resume"] is None and list_checkpoints(output_dir):
-        if not train_cfg["overwrite"]:
-            raise UserError(
-                f"Output folder '{output_dir}' already holds checkpoints of another run. Resume it "
-                f"with -o train.resume=auto, choose another train.output_dir, or set "
-                f"train.overwrite=true to delete that run's checkpoints and best weights."
-            )
-        logger.warning("train.overwrite is set: deleting the checkpoints and best weights in %s", output_dir)
-        shutil.rmtree(os.path.join(output_dir, CHECKPOINTS))
-        for name in (BEST_WEIGHTS, BEST_METRICS):
-            if os.path.exists(os.path.join(output_dir, name)):
-                os.remove(os.path.join(output_dir, name))
     try:
         os.makedirs(output_dir, exist_ok=True)
+        lock_output_dir(output_dir)
     except OSError as error:
         raise UserError(
-            f"Cannot create train.output_dir '{output_dir}' ({error.strerror}). Choose a writable folder."
+            f"Cannot create train.output_dir '{output_dir}' or write into it ({error.strerror}). Choose "
+            f"a writable folder."
         ) from None
+    previous = [] if _resumes_in_place(output_dir, resume_from) else _previous_results(output_dir)
+    if previous and not train_cfg["overwrite"]:
+        shown = ", ".join(os.path.relpath(path, output_dir) for path in previous[:4])
+        more = f" and {len(previous) - 4} more" if len(previous) > 4 else ""
+        raise UserError(
+            f"Output folder '{output_dir}' already holds results of another run ({shown}{more}), which "
+            f"a new run would overwrite. Resume it with -o train.resume=auto (if it has a checkpoint), "
+            f"choose another train.output_dir, or set train.overwrite=true to delete that run's "
+            f"checkpoints and best weights."
+        )
+    if previous:
+        logger.warning("train.overwrite is set: deleting the checkpoints and best weights in %s", output_dir)
+        for path in _written_by_runs(output_dir):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -136,13 +137,58 @@ def test_restore_model_names_missing_unexpected_and_mismatched_keys():
     np.testing.assert_array_equal(model.weight.numpy(), np.ones([4, 10]))
 
 
-def test_a_new_run_never_overwrites_another_runs_checkpoints(tmp_path):
+def claim_as_train_does(output_dir, **changes):
+    cfg = train_cfg(output_dir, **changes)
+    checkpoint.claim_output_dir(cfg, checkpoint.resolve_resume(cfg, distributed.Context(0, 1)))
+
+
+@pytest.mark.parametrize("left_behind", ["checkpoint", "best_weights_only", "best_metrics_only"])
+def test_a_fresh_run_never_overwrites_what_a_previous_run_left(tmp_path, left_behind):
+    run = tmp_path / "run"
+    if left_behind == "checkpoint":
+        checkpoint.save(str(run), 4, *small_states(4), {}, keep=1)
+    elif left_behind == "best_weights_only":  # e.g. stopped after an evaluation, before its first save
+        checkpoint.save_best(str(run), small_states(1)[0], {"top1": 1.0})
+        os.remove(run / "best.json")
+    else:
+        run.mkdir()
+        (run / "best.json").write_text("{}")
+    before = {name: (run / name).stat().st_mtime_ns for name in os.listdir(run)}
+    for resume in (None, "auto"):
+        if left_behind != "checkpoint" or resume is None:  # auto resumes a checkpoint: nothing is overwritten
+            with pytest.raises(UserError, match="already holds results of another run"):
+                claim_as_train_does(run, resume=resume)
+    elsewhere = tmp_path / "other"
+    checkpoint.save(str(elsewhere), 2, *small_states(2), {}, keep=1)
+    with pytest.raises(UserError, match="already holds results"):  # resuming another folder's checkpoint
+        claim_as_train_does(run, resume=str(elsewhere / "checkpoints" / "step_2"))
+    assert {name: (run / name).stat().st_mtime_ns for name in os.listdir(run) if name != ".lock"} == before
+
+
+def test_only_partial_leftovers_and_foreign_files_do_not_block_a_fresh_run(tmp_path):
+    (tmp_path / "checkpoints" / ".step_3.partial").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("mine")
+    claim_as_train_does(tmp_path)
+    claim_as_train_does(tmp_path, resume="auto")
+
+
+def test_overwrite_deletes_only_what_runs_write(tmp_path):
     checkpoint.save(str(tmp_path), 4, *small_states(4), {}, keep=1)
-    with pytest.raises(UserError, match="already holds checkpoints"):
-        checkpoint.claim_output_dir(train_cfg(tmp_path))
-    checkpoint.claim_output_dir(train_cfg(tmp_path, resume="auto"))
-    assert checkpoint.list_checkpoints(str(tmp_path))
-    checkpoint.claim_output_dir(train_cfg(tmp_path, overwrite=True))
+    checkpoint.save_best(str(tmp_path), small_states(4)[0], {"top1": 1.0})
+    (tmp_path / "checkpoints" / ".step_5.partial").mkdir()
+    (tmp_path / ".best.pdparams.partial").write_bytes(b"half")
+    foreign = ["notes.txt", "checkpoints/README", "checkpoints/analysis/plot.png", "checkpoints/step_x/keep.txt"]
+    for name in foreign:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    claim_as_train_does(tmp_path, overwrite=True)
+    remaining = sorted(
+        os.path.relpath(os.path.join(folder, name), tmp_path)
+        for folder, _, names in os.walk(tmp_path)
+        for name in names
+        if name != ".lock"
+    )
+    assert remaining == sorted(foreign)
     assert checkpoint.list_checkpoints(str(tmp_path)) == []
 
 
@@ -235,3 +281,32 @@ def test_every_rank_checks_the_checkpoint_rank_0_chose_rather_than_its_own_newes
     checkpoint.save(str(tmp_path / "shared"), 7, *small_states(7), {}, keep=1)
     assert checkpoint.resolve_resume(train_cfg(tmp_path / "rank1_view", resume="auto"), rank_1) == chosen
     assert [report[0] for report in reports_seen] == [None, 7]
+
+
+HOLD_LOCK = """
+import sys
+from rdrop import checkpoint
+checkpoint.lock_output_dir(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder_until_it_dies(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)],
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError) as error:
+            claim_as_train_does(tmp_path, resume="auto")
+        assert f"host {socket.gethostname()}, pid {holder.pid}" in str(error.value)
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the operating system drops the lock
+        holder.wait()
+    claim_as_train_does(tmp_path, resume="auto")
+    assert f"pid {os.getpid()}" in (tmp_path / checkpoint.LOCK_FILE).read_text()

@@ -1,0 +1,94 @@
+"""Writing a result (a file or a whole folder) so that a crash or a full disk never leaves half of one.
+
+The new version is written beside its target under a hidden name (`.<name>.partial`), flushed to disk
+and only then renamed to the target's name. A rename within one folder is atomic, so whoever looks
+finds either the previous complete version or the new complete one. Checkpoints, best weights,
+exports, eval.py's metrics and predict.py's results all go through `replacing`.
+"""
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+
+PARTIAL_SUFFIX = ".partial"
+OLD_SUFFIX = ".old"
+
+
+def fsync_path(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(path):
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            _fsync_tree(os.path.join(path, name))
+    fsync_path(path)
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _beside(target, suffix):
+    folder, name = os.path.split(os.path.abspath(target))
+    return os.path.join(folder, f".{name}{suffix}")
+
+
+def partial_path(target):
+    """Where the next version of `target` is written before it replaces `target`."""
+    return _beside(target, PARTIAL_SUFFIX)
+
+
+@contextlib.contextmanager
+def replacing(target):
+    """Yields the path to write the new version of `target` to (create a file or a folder there).
+
+    When the block ends without an exception, the new version is flushed to disk and takes the place
+    of `target`; on any exception it is deleted and `target` stays as it was. OSError (disk full,
+    permissions) reaches the caller, which knows what to tell the user.
+    """
+    partial = partial_path(target)
+    try:
+        _remove(partial)  # left over by a process killed mid-write
+        yield partial
+        _fsync_tree(partial)
+        if os.path.isdir(partial) and os.path.isdir(target) and not os.path.islink(target):
+            # os.replace cannot replace a non-empty folder: move the previous version aside first.
+            old = _beside(target, OLD_SUFFIX)
+            _remove(old)
+            os.replace(target, old)
+            os.replace(partial, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(partial, target)
+        fsync_path(os.path.dirname(os.path.abspath(target)))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _remove(partial)
+        raise
+
+
+def check_writable(target, is_folder=False):
+    """Raise OSError now, before the work, if `replacing(target)` could not succeed after it: the
+    folder that holds `target` cannot be created or written, or `target` exists and is of the other
+    kind (file or folder) or may not be replaced."""
+    folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+    if not os.path.lexists(target):
+        return
+    if os.path.isdir(target) != is_folder:
+        code = errno.ENOTDIR if is_folder else errno.EISDIR
+        raise OSError(code, os.strerror(code), target)
+    if not os.access(target, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), target)
