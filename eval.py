@@ -19,7 +19,8 @@ symmetric KL and the disagreement rate of K train-mode passes against the determ
 class_names, per_class (top-1 percent per class as a list indexed by label, aligned with
 class_names; null for a class without images in the split), per_class_count (images per class),
 worst_classes (list of {class, name, top1, num_samples}), consistency (with --consistency),
-checkpoint, config and split.
+checkpoint, config and split. The path is checked for writability before the evaluation, and the
+file is replaced atomically (rdrop/atomic.py): a full disk never leaves a truncated file.
 """
 
 import argparse
@@ -27,7 +28,7 @@ import json
 import logging
 import os
 
-from rdrop import config, distributed, evaluation, logs, runtime
+from rdrop import atomic, config, distributed, evaluation, logs, runtime
 from rdrop.errors import UserError, exit_on_user_error
 
 import data
@@ -79,15 +80,19 @@ def format_report(report):
     return "\n".join(lines)
 
 
+def output_error(path, error):
+    return UserError(
+        f"Cannot write the metrics to --output '{path}' ({error.strerror or error}). Choose a writable path."
+    )
+
+
 def write_json(report, path):
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as stream:
+        with atomic.replacing(path) as partial, open(partial, "w", encoding="utf-8") as stream:
             json.dump(report, stream, indent=2)
     except OSError as error:
-        raise UserError(
-            f"Cannot write the metrics to --output '{path}' ({error.strerror or error}). Choose a writable path."
-        ) from None
+        raise output_error(path, error) from None
+    logger.info("Wrote the metrics to %s", os.path.abspath(path))
 
 
 @exit_on_user_error
@@ -95,6 +100,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.consistency < 0:
         raise UserError(f"--consistency must be a number of dropout samples >= 0, got {args.consistency}.")
+    if args.output:
+        try:
+            atomic.check_writable(args.output)  # now, not after an evaluation that may take an hour
+        except OSError as error:
+            raise output_error(args.output, error) from None
     config_path = args.config or evaluation.run_config_path(args.checkpoint)
     cfg = config.load(config_path, args.override)
     cfg["model"]["pretrained"] = None  # the checkpoint's weights replace whatever training started from

@@ -1,72 +1,91 @@
-"""Classify image files with a model exported by scripts/export.py; prints the top-5 classes of each.
+"""Classify image files with a model exported by scripts/export.py; prints one line per image.
 
     python scripts/predict.py --model exported/run photo.jpg other.png
-    python scripts/predict.py --model exported/run --top 3 images/*.png
+    python scripts/predict.py --model exported/run --top 3 images/ --output predictions.csv
 
-Images (PNG, JPEG or anything else Pillow reads) are converted to RGB and preprocessed exactly as
-evaluation preprocesses test images, by the same function (`data.transforms.resized_crop` on the
-whole image): resized to the exported img_size with bilinear sampling, then normalised. Like
-evaluation, the whole image is resized to a square (no centre crop), and there is no anti-aliasing
-when shrinking: the model was fine-tuned on 32 x 32 CIFAR images enlarged to img_size, so photos
-far larger than that are a different input distribution.
+Each argument is an image file or a folder; a folder contributes its image files (PNG, JPEG, BMP, GIF,
+TIFF, WebP, PPM/PGM, by extension) and those of its subfolders, in sorted order. Each image's line on
+standard output lists its top classes and probabilities. An image that cannot be read (not an image,
+missing, or a decompression bomb: more pixels than Pillow's limit) is reported on standard error and
+the others are still classified; the exit code is then 2, as for any input error. --output writes
+all results to a .json (a list of {file, predictions: [{class, probability}], error}) or .csv file
+(file, error, then class_1, probability_1, ... up to --top), replaced atomically.
+
+Images are converted to RGB and preprocessed exactly as evaluation preprocesses test images, by the
+same function (`data.transforms.resized_crop` on the whole image): resized to the exported img_size
+with bilinear sampling, then normalised. Like evaluation, the whole image is resized to a square (no
+centre crop), and there is no anti-aliasing when shrinking: the model was fine-tuned on 32 x 32
+CIFAR images enlarged to img_size, so photos far larger than that are a different input distribution.
 """
 
 import argparse
+import csv
 import json
 import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from rdrop import runtime
-from rdrop.errors import UserError, exit_on_user_error
+from rdrop import atomic, exported, runtime
+from rdrop.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error
 
 import numpy as np
 import paddle
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from data import transforms
 
-METADATA_FILE = "metadata.json"  # written by scripts/export.py
 BATCH_SIZE = 32
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+OUTPUT_FORMATS = (".json", ".csv")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="folder written by scripts/export.py")
-    parser.add_argument("--top", type=int, default=5, help="classes to print per image (default 5)")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--top", type=int, default=5, help="classes to report per image (default 5)")
+    parser.add_argument("--output", help="also write all results to this .json or .csv file")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of them")
     return parser.parse_args(argv)
 
 
+def _not_exported(model_dir, problem):
+    return UserError(
+        f"'{model_dir}' does not hold a usable model exported by scripts/export.py: {problem}. Export "
+        f"it again with python scripts/export.py --checkpoint ... --output {model_dir}."
+    )
+
+
 def read_metadata(model_dir):
-    path = os.path.join(model_dir, METADATA_FILE)
+    """(program prefix, img_size, class names) from the export's metadata.json, checked."""
+    path = os.path.join(model_dir, exported.METADATA_FILE)
     try:
         with open(path, encoding="utf-8") as stream:
             metadata = json.load(stream)
         program = os.path.join(model_dir, metadata["program_file"])
         params = os.path.join(model_dir, metadata["params_file"])
-        img_size, class_names = int(metadata["img_size"]), list(metadata["class_names"])
+        img_size, class_names = metadata["img_size"], metadata["class_names"]
         normalisation = (metadata["mean"], metadata["std"], metadata["pixel_scale"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(
-            f"'{model_dir}' is not a model exported by scripts/export.py: {path} is missing or "
-            f"incomplete ({type(error).__name__}: {error}). Export one with python "
-            f"scripts/export.py --checkpoint ... --output {model_dir}."
-        ) from None
+        raise _not_exported(model_dir, f"{path} is missing or incomplete ({type(error).__name__}: {error})") from None
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+        raise _not_exported(model_dir, f"img_size in {path} is {img_size!r}, not a positive whole number")
+    if not isinstance(class_names, list) or not class_names or not all(isinstance(n, str) for n in class_names):
+        raise _not_exported(model_dir, f"class_names in {path} is not a non-empty list of names")
     for file in (program, params):
         if not os.path.isfile(file):
-            raise UserError(
-                f"The exported model in '{model_dir}' is incomplete: {file} is missing. Export it "
-                f"again with scripts/export.py."
-            )
+            raise _not_exported(model_dir, f"{file} is missing")
     # The pixels are prepared by data.transforms below; a model exported with another normalisation
     # would silently get wrong inputs.
     expected = ([transforms.MEAN] * 3, [transforms.STD] * 3, 255.0)
-    if not np.allclose(
-        np.concatenate([np.ravel(part) for part in normalisation]),
-        np.concatenate([np.ravel(part) for part in expected]),
-    ):
+    try:
+        matches = np.allclose(
+            np.concatenate([np.ravel(part) for part in normalisation]).astype(np.float64),
+            np.concatenate([np.ravel(part) for part in expected]),
+        )
+    except ValueError:
+        matches = False
+    if not matches:
         raise UserError(
             f"The model in '{model_dir}' expects mean {normalisation[0]}, std {normalisation[1]} on "
             f"pixels / {normalisation[2]}, but this version of predict.py prepares mean "
@@ -76,15 +95,56 @@ def read_metadata(model_dir):
     return os.path.splitext(program)[0], img_size, class_names
 
 
+def load_model(model_dir):
+    """The exported model and its (img_size, class names), checked by classifying one blank image."""
+    prefix, img_size, class_names = read_metadata(model_dir)
+    try:
+        model = paddle.jit.load(prefix)
+        model.eval()
+        with paddle.no_grad():
+            width = model(paddle.zeros([1, 3, img_size, img_size])).shape[-1]
+    except Exception as error:  # truncated or edited files fail deep inside Paddle, with many types
+        message = " ".join(str(error).split())[:300]
+        raise _not_exported(
+            model_dir,
+            f"Paddle cannot load or run it on {img_size} x {img_size} images ({type(error).__name__}: {message})",
+        ) from None
+    if width != len(class_names):
+        raise _not_exported(
+            model_dir, f"the model has {width} outputs but metadata.json names {len(class_names)} classes"
+        )
+    return model, img_size, class_names
+
+
+def image_files(arguments):
+    """[(path, None)] for each image to classify, or (argument, error message) for an argument that is
+    neither an image file nor a folder holding some."""
+    found = []
+    for argument in arguments:
+        if os.path.isdir(argument):
+            inside = sorted(
+                os.path.join(folder, name)
+                for folder, _, names in os.walk(argument)
+                for name in names
+                if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+            )
+            found += [(path, None) for path in inside] or [(argument, "folder holds no image files")]
+        elif os.path.isfile(argument):
+            found.append((argument, None))
+        else:
+            found.append((argument, "no such file or folder"))
+    return found
+
+
 def preprocess(path, img_size):
     """float32 3 x img_size x img_size: the file's pixels prepared as evaluation prepares test images."""
     try:
         with Image.open(path) as image:
             rgb = ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise UserError(
-            f"Cannot read '{path}' as an image ({type(error).__name__}: {error}). Pass PNG or JPEG files."
-        ) from None
+    except Image.DecompressionBombError as error:
+        raise UserError(f"refused: {error}") from None
+    except (OSError, ValueError, SyntaxError) as error:  # Pillow's decoders raise these on broken files
+        raise UserError(f"not a readable image ({type(error).__name__}: {error})") from None
     pixels = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)  # HWC -> CHW, as the datasets store images
     return transforms.resized_crop(pixels, transforms.whole_image_box(*pixels.shape[1:]), img_size)
 
@@ -95,21 +155,57 @@ def softmax(logits):
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def predict(model_dir, image_paths, top=5):
-    """[(path, [(class name, probability), ...] best first)] for each image."""
-    prefix, img_size, class_names = read_metadata(model_dir)
-    model = paddle.jit.load(prefix)
-    model.eval()
-    results = []
-    for start in range(0, len(image_paths), BATCH_SIZE):
-        paths = image_paths[start : start + BATCH_SIZE]
-        batch = np.stack([preprocess(path, img_size) for path in paths])
+def classify(model, img_size, class_names, paths, top):
+    """{path: (ranked [(class name, probability)] best first, or None; error message or None)}."""
+    results, readable = {}, []
+    for path in paths:
+        try:
+            readable.append((path, preprocess(path, img_size)))
+        except UserError as error:
+            results[path] = (None, str(error))
+    for start in range(0, len(readable), BATCH_SIZE):
+        chunk = readable[start : start + BATCH_SIZE]
         with paddle.no_grad():
-            probabilities = softmax(model(paddle.to_tensor(batch)).numpy().astype(np.float64))
-        for path, row in zip(paths, probabilities):
+            logits = model(paddle.to_tensor(np.stack([pixels for _, pixels in chunk])))
+        for (path, _), row in zip(chunk, softmax(logits.numpy().astype(np.float64))):
             best = np.argsort(-row, kind="stable")[:top]
-            results.append((path, [(class_names[i], float(row[i])) for i in best]))
+            results[path] = ([(class_names[i], float(row[i])) for i in best], None)
     return results
+
+
+def predict(model_dir, arguments, top=5):
+    """[(path, ranked or None, error or None)] in argument order, folders expanded (see the module doc)."""
+    model, img_size, class_names = load_model(model_dir)
+    found = image_files(arguments)
+    results = classify(model, img_size, class_names, [path for path, error in found if error is None], top)
+    return [(path, *results[path]) if error is None else (path, None, error) for path, error in found]
+
+
+def write_output(results, path, top):
+    with atomic.replacing(path) as partial, open(partial, "w", encoding="utf-8", newline="") as stream:
+        if path.lower().endswith(".json"):
+            rows = [
+                {
+                    "file": file,
+                    "predictions": [{"class": name, "probability": p} for name, p in ranked or []],
+                    "error": error,
+                }
+                for file, ranked, error in results
+            ]
+            json.dump(rows, stream, indent=2)
+            return
+        writer = csv.writer(stream)
+        writer.writerow(
+            ["file", "error"] + [f"{field}_{k}" for k in range(1, top + 1) for field in ("class", "probability")]
+        )
+        for file, ranked, error in results:
+            writer.writerow([file, error or ""] + [value for name, p in ranked or [] for value in (name, f"{p:.6g}")])
+
+
+def output_error(path, error):
+    return UserError(
+        f"Cannot write the results to --output '{path}' ({error.strerror or error}). Choose a writable path."
+    )
 
 
 @exit_on_user_error
@@ -117,13 +213,30 @@ def main(argv=None):
     args = parse_args(argv)
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}.")
+    if args.output:
+        if not args.output.lower().endswith(OUTPUT_FORMATS):
+            raise UserError(f"--output '{args.output}' must end in .json or .csv, which selects the format.")
+        try:
+            atomic.check_writable(args.output)
+        except OSError as error:
+            raise output_error(args.output, error) from None
     runtime.configure_cpu()
     results = predict(args.model, args.images, args.top)
-    for path, ranked in results:
-        print(path)
-        width = max(len(name) for name, _ in ranked)
-        for place, (name, probability) in enumerate(ranked, 1):
-            print(f"  {place}. {name:<{width}}  {100.0 * probability:6.2f} %")
+    for path, ranked, error in results:
+        if error is None:
+            print(f"{path}: " + ", ".join(f"{name} {100.0 * p:.2f} %" for name, p in ranked), flush=True)
+        else:
+            print(f"error: {path}: {error}", file=sys.stderr, flush=True)
+    if args.output:
+        try:
+            write_output(results, args.output, args.top)
+        except OSError as error:
+            raise output_error(args.output, error) from None
+        print(f"Wrote the results of {len(results)} file(s) to {args.output}", file=sys.stderr, flush=True)
+    failed = sum(error is not None for _, _, error in results)
+    if failed:
+        print(f"error: {failed} of {len(results)} file(s) could not be classified (see above)", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
     return results
 
 
