@@ -244,7 +244,10 @@ SCHEMA = {
             "if there is none); a path resumes from that checkpoint.",
         ),
         "overwrite": Key(
-            False, boolean(), "Allow a new run to start in an output_dir that holds another run's checkpoints."
+            False,
+            boolean(),
+            "Let a new run start in an output_dir that holds another run's checkpoints or best weights, "
+            "deleting them (and nothing else).",
         ),
         "keep_checkpoints": Key(2, integer(1), "How many of the newest checkpoints to keep."),
         "max_bad_steps": Key(

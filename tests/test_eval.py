@@ -220,3 +220,34 @@ def test_consistency_is_the_same_on_one_two_and_three_processes(tmp_path, archiv
     for several in results[1:]:
         assert several["symmetric_kl"] == pytest.approx(results[0]["symmetric_kl"], rel=1e-9)
         assert several["disagreement"] == pytest.approx(results[0]["disagreement"], rel=1e-9)
+
+
+def test_output_is_checked_before_the_evaluation_and_never_left_half_written(tmp_path, archive10, capsys, monkeypatch):
+    run, _, _ = write_run(tmp_path, archive10, "out", fixed_class_weights(np.arange(10.0)), model={"num_classes": 10})
+    checkpoint = str(run / "best.pdparams")
+    metrics_path = tmp_path / "metrics.json"
+    evaluate_script.main(["--checkpoint", checkpoint, "--output", str(metrics_path)])
+    assert f"Wrote the metrics to {metrics_path}" in capsys.readouterr().out
+    previous = metrics_path.read_bytes()
+
+    # A full disk while the JSON is written: the previous file stays whole, no partial file remains.
+    def full_disk_dump(report, stream, **kwargs):
+        stream.write('{"top1": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate_script.json, "dump", full_disk_dump)
+    code, message = run_eval(capsys, "--checkpoint", checkpoint, "--output", str(metrics_path))
+    assert code == 2 and "No space left on device" in message and str(metrics_path) in message
+    assert metrics_path.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == [
+        "metrics.json",
+        "out",
+        "out.yaml",
+    ]
+    monkeypatch.undo()
+
+    # An output that cannot be written fails before the evaluation, not after it.
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated first"))
+    (tmp_path / "a_file").write_text("")
+    for unwritable in (tmp_path / "a_file" / "metrics.json", tmp_path):
+        code, message = run_eval(capsys, "--checkpoint", checkpoint, "--output", str(unwritable))
+        assert code == 2 and f"--output '{unwritable}'" in message and "Traceback" not in message

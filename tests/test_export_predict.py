@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -16,7 +18,7 @@ import pytest
 from cifar_archive import cifar100_arrays, fine_label_names
 from eval_helpers import random_weights, write_run
 from PIL import Image
-from run_helpers import load_script
+from run_helpers import ROOT, load_script
 
 import data
 from data import transforms
@@ -330,3 +332,32 @@ def test_onnx_export_without_its_packages_says_what_to_install(exported, tmp_pat
         export, capsys, "--checkpoint", checkpoint_of(exported), "--output", tmp_path / "o", "--onnx"
     )
     assert code == 2 and "requirements/export.txt" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_the_readme_commands_export_and_predict_a_folder(exported, tmp_path):
+    """`export.py ... --onnx` and `predict.py --model ... FOLDER --output FILE` as the README writes them."""
+    run, _, _, _, _ = exported
+    output = tmp_path / "exported"
+    export_command = [
+        "scripts/export.py",
+        "--checkpoint",
+        str(run / "best.pdparams"),
+        "--output",
+        str(output),
+        "--onnx",
+    ]
+    finished = subprocess.run([sys.executable, *export_command], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert sorted(os.listdir(output)) == ["inference.json", "inference.pdiparams", "metadata.json", "model.onnx"]
+    images = [save_png(tmp_path / "photos" / f"{index}.png", index) for index in range(3)]
+    predict_command = ["scripts/predict.py", "--model", str(output), str(tmp_path / "photos")]
+    predict_command += ["--output", str(tmp_path / "predictions.json")]
+    finished = subprocess.run([sys.executable, *predict_command], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert [line.split(": ")[0] for line in finished.stdout.splitlines()] == [str(path) for path in images]
+    rows = json.loads((tmp_path / "predictions.json").read_text())
+    in_process = predict.predict(str(output), [str(path) for path in images])
+    assert [[p["class"] for p in row["predictions"]] for row in rows] == [
+        [name for name, _ in ranked] for _, ranked, _ in in_process
+    ]

@@ -6,12 +6,14 @@ uninterrupted one) or in one clear message with a non-zero exit, never a hang or
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 from rdrop import checkpoint
 
+import paddle
 import psutil
 import pytest
 from cifar_archive import write_cifar100_archive
@@ -244,3 +246,32 @@ def test_the_command_line_itself_prints_no_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "Invalid value 'fast' for 'optimizer.lr'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_auto_starting_fresh_never_overwrites_best_weights(tmp_path, archive, capsys):
+    """A run stopped after an evaluation but before its first checkpoint left only best.pdparams."""
+    config_path = tiny_config(tmp_path, archive, "early")
+    run = tmp_path / "early"
+    checkpoint.save_best(str(run), {"w": paddle.ones([2])}, {"top1": 50.0, "step": 3})
+    before = {name: (run / name).read_bytes() for name in ("best.pdparams", "best.json")}
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", config_path, "-o", "train.resume=auto"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and err.strip().count("\n") == 0
+    assert "best.pdparams" in err and "train.overwrite=true" in err
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_output_dir_exits_2_naming_the_first(tmp_path, archive, capsys):
+    config_path = long_config(tmp_path, archive, "busy")
+    first = start_single(config_path, "-o", "train.resume=auto")
+    wait_for_step(tmp_path / "busy" / "train.log", 2, first)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", config_path, "-o", "train.resume=auto"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and err.strip().count("\n") == 0
+    assert f"in use by another training run (host {socket.gethostname()}, pid {first.pid})" in err
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert [step for step, _ in checkpoint.list_checkpoints(str(tmp_path / "busy"))][-1] == 40
