@@ -80,18 +80,12 @@ def format_report(report):
     return "\n".join(lines)
 
 
-def output_error(path, error):
-    return UserError(
-        f"Cannot write the metrics to --output '{path}' ({error.strerror or error}). Choose a writable path."
-    )
-
-
 def write_json(report, path):
     try:
         with atomic.replacing(path) as partial, open(partial, "w", encoding="utf-8") as stream:
             json.dump(report, stream, indent=2)
     except OSError as error:
-        raise output_error(path, error) from None
+        raise atomic.write_error("the metrics to --output", path, error) from None
     logger.info("Wrote the metrics to %s", os.path.abspath(path))
 
 
@@ -101,10 +95,7 @@ def main(argv=None):
     if args.consistency < 0:
         raise UserError(f"--consistency must be a number of dropout samples >= 0, got {args.consistency}.")
     if args.output:
-        try:
-            atomic.check_writable(args.output)  # now, not after an evaluation that may take an hour
-        except OSError as error:
-            raise output_error(args.output, error) from None
+        atomic.check_writable(args.output, "--output")  # now, not after an evaluation that may take an hour
     config_path = args.config or evaluation.run_config_path(args.checkpoint)
     cfg = config.load(config_path, args.override)
     cfg["model"]["pretrained"] = None  # the checkpoint's weights replace whatever training started from

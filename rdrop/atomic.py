@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 
+from rdrop.errors import UserError
+
 PARTIAL_SUFFIX = ".partial"
 OLD_SUFFIX = ".old"
 
@@ -77,18 +79,34 @@ def replacing(target):
         raise
 
 
-def check_writable(target, is_folder=False):
-    """Raise OSError now, before the work, if `replacing(target)` could not succeed after it: the
-    folder that holds `target` cannot be created or written, or `target` exists and is of the other
-    kind (file or folder) or may not be replaced."""
-    folder = os.path.dirname(os.path.abspath(target))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-        pass
-    if not os.path.lexists(target):
-        return
-    if os.path.isdir(target) != is_folder:
-        code = errno.ENOTDIR if is_folder else errno.EISDIR
-        raise OSError(code, os.strerror(code), target)
-    if not os.access(target, os.W_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), target)
+def _reason(error):
+    return error.strerror or str(error)
+
+
+def check_writable(target, name, is_folder=False):
+    """A UserError now, before the work, if `replacing(target)` could not succeed after it: the folder
+    that holds `target` cannot be created or written, or `target` exists and is of the other kind
+    (file or folder) or may not be replaced. `name` is what the message calls it (`--output`)."""
+    try:
+        folder = os.path.dirname(os.path.abspath(target))
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if not os.path.lexists(target):
+            return
+        if os.path.isdir(target) != is_folder:
+            code = errno.ENOTDIR if is_folder else errno.EISDIR
+            raise OSError(code, os.strerror(code), target)
+        if not os.access(target, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), target)
+    except OSError as error:
+        kind = "folder" if is_folder else "file path"
+        raise UserError(f"Cannot write {name} '{target}' ({_reason(error)}). Choose a writable {kind}.") from None
+
+
+def write_error(name, target, error):
+    """The UserError for an OSError raised inside `replacing(target)`."""
+    return UserError(
+        f"Could not write {name} '{target}' ({_reason(error)}). Free disk space or choose a writable "
+        f"path; the previous version there, if any, is unchanged."
+    )

@@ -183,12 +183,7 @@ def main(argv=None):
     args = parse_args(argv)
     logs.setup_single_process()
     modules = onnx_modules() if args.onnx else None
-    try:
-        atomic.check_writable(args.output, is_folder=True)
-    except OSError as error:
-        raise UserError(
-            f"Cannot write the --output folder '{args.output}' ({error.strerror or error}). Choose a writable folder."
-        ) from None
+    atomic.check_writable(args.output, "the --output folder", is_folder=True)
     config_path = args.config or evaluation.run_config_path(args.checkpoint)
     cfg = config.load(config_path, args.override)
     cfg["model"]["pretrained"] = None  # the checkpoint's weights replace whatever training started from
@@ -204,10 +199,7 @@ def main(argv=None):
         with atomic.replacing(args.output) as folder:
             differences = write_export(folder, model, cfg["model"]["img_size"], args.output, metadata, modules)
     except OSError as error:
-        raise UserError(
-            f"Could not write the export to '{args.output}' ({error.strerror or error}). Free disk space "
-            f"or choose a writable folder; the previous export there, if any, is unchanged."
-        ) from None
+        raise atomic.write_error("the export to", args.output, error) from None
     logger.info(
         "Exported %s to %s (%s); reloaded logits match the dynamic model's to %s",
         args.checkpoint,

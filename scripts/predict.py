@@ -202,12 +202,6 @@ def write_output(results, path, top):
             writer.writerow([file, error or ""] + [value for name, p in ranked or [] for value in (name, f"{p:.6g}")])
 
 
-def output_error(path, error):
-    return UserError(
-        f"Cannot write the results to --output '{path}' ({error.strerror or error}). Choose a writable path."
-    )
-
-
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
@@ -216,10 +210,7 @@ def main(argv=None):
     if args.output:
         if not args.output.lower().endswith(OUTPUT_FORMATS):
             raise UserError(f"--output '{args.output}' must end in .json or .csv, which selects the format.")
-        try:
-            atomic.check_writable(args.output)
-        except OSError as error:
-            raise output_error(args.output, error) from None
+        atomic.check_writable(args.output, "--output")
     runtime.configure_cpu()
     results = predict(args.model, args.images, args.top)
     for path, ranked, error in results:
@@ -231,7 +222,7 @@ def main(argv=None):
         try:
             write_output(results, args.output, args.top)
         except OSError as error:
-            raise output_error(args.output, error) from None
+            raise atomic.write_error("the results to --output", args.output, error) from None
         print(f"Wrote the results of {len(results)} file(s) to {args.output}", file=sys.stderr, flush=True)
     failed = sum(error is not None for _, _, error in results)
     if failed:
