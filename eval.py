@@ -6,11 +6,11 @@
     python eval.py --checkpoint output/run/best.pdparams --consistency 8
     python -m paddle.distributed.launch --nproc_per_node 2 eval.py --checkpoint ...
 
-The checkpoint is a training checkpoint folder, a `.pdparams` file or a Google `.npz`; its weights
-must fit the model of the config exactly. Without --config, the `config.yaml` of the run the
-checkpoint belongs to is used (next to best.pdparams, or in the run folder above
-checkpoints/step_<N>); a .npz always needs --config. Every image of the split is counted exactly
-once, however many processes share the work.
+The checkpoint is a training checkpoint folder, a `.pdparams` file or a Google `.npz` (or an http(s)
+URL to a file, downloaded once); its weights must fit the model of the config exactly. Without
+--config, the `config.yaml` of the run the checkpoint belongs to is used (next to best.pdparams, or
+in the run folder above checkpoints/step_<N>); a .npz or a URL always needs --config. Every image of
+the split is counted exactly once, however many processes share the work.
 
 --consistency K also measures how much predictions change between dropout samples: the mean
 symmetric KL and the disagreement rate of K train-mode passes against the deterministic one.
@@ -96,7 +96,7 @@ def main(argv=None):
         raise UserError(f"--consistency must be a number of dropout samples >= 0, got {args.consistency}.")
     if args.output:
         atomic.check_writable(args.output, "--output")  # now, not after an evaluation that may take an hour
-    config_path = args.config or evaluation.run_config_path(args.checkpoint)
+    config_path = args.config or models.run_config_path(args.checkpoint)
     cfg = config.load(config_path, args.override)
     cfg["model"]["pretrained"] = None  # the checkpoint's weights replace whatever training started from
     runtime.configure_cpu(cfg["train"]["cpu_threads"])
@@ -105,7 +105,7 @@ def main(argv=None):
     logger.info("Evaluating %s with config %s", args.checkpoint, config_path)
 
     model = models.build_model(cfg["model"])
-    evaluation.load_trained_weights(model, args.checkpoint)
+    models.load_weights(model, args.checkpoint, "--checkpoint")
     if context.is_node_main:
         data.prepare_dataset(cfg)  # one download per machine, not one per process into the same file
     distributed.barrier(context)

@@ -69,7 +69,7 @@ def main(argv=None):
     resume_from = checkpoint.resolve_resume(train_cfg, context)
     if context.is_main:
         checkpoint.claim_output_dir(train_cfg, resume_from)
-        config.save(cfg, os.path.join(output_dir, "config.yaml"))
+        config.save(cfg, os.path.join(output_dir, checkpoint.RUN_CONFIG))
     logs.setup(context, output_dir if context.is_main else None)
     logger.info(
         "%d process(es) x %d micro-batch(es) of %d = %d images per step%s",
@@ -85,8 +85,8 @@ def main(argv=None):
     resumed = checkpoint.load(resume_from) if resume_from is not None else None
 
     def restore(model, optimizer, scaler):
-        model_state, optimizer_state, trainer_state = resumed
-        checkpoint.restore_model(model, model_state, resume_from)
+        optimizer_state, trainer_state = resumed
+        models.load_weights(model, resume_from, "train.resume")
         checkpoint.restore_optimizer(optimizer, model, optimizer_state)
         scaler.load_state_dict(trainer_state["loss_scaler"])
 
@@ -111,7 +111,7 @@ def main(argv=None):
 
     step, best, bad_steps = 0, None, 0
     if resumed is not None:
-        _, _, trainer_state = resumed
+        _, trainer_state = resumed
         stream.set_state_dict(trainer_state["data"])
         step, best = trainer_state["step"], trainer_state["best"]
         logger.info("Resumed from %s at step %d", resume_from, step)

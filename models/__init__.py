@@ -1,4 +1,4 @@
-"""Vision Transformers for R-Drop fine-tuning: the model, named sizes, and pretrained-weight loading."""
+"""Vision Transformers for R-Drop fine-tuning: the model, named sizes, and its weights."""
 
 from .presets import (
     ARCHITECTURE_KEYS,
@@ -9,8 +9,8 @@ from .presets import (
     forward_flops,
     resolve_architecture,
 )
-from .pretrained import load_pretrained, resize_position_embedding
 from .vit import VisionTransformer
+from .weights import load_weights, resize_position_embedding, run_config_path
 
 __all__ = [
     "ARCHITECTURE_KEYS",
@@ -20,7 +20,8 @@ __all__ = [
     "VisionTransformer",
     "build_model",
     "forward_flops",
-    "load_pretrained",
+    "load_weights",
     "resize_position_embedding",
     "resolve_architecture",
+    "run_config_path",
 ]

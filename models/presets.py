@@ -11,8 +11,8 @@ from rdrop.errors import UserError
 
 import paddle
 
-from .pretrained import load_pretrained
 from .vit import VisionTransformer
+from .weights import load_weights
 
 ARCHITECTURE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim")
 
@@ -83,7 +83,7 @@ def resolve_architecture(model_cfg):
 
 
 def build_model(model_cfg, seed=None):
-    """A VisionTransformer for the `model:` config section, with `model.pretrained` loaded if set.
+    """A VisionTransformer for the `model:` config section, with `model.pretrained` loaded (adapted) if set.
 
     With `seed` (train.seed) the initial weights are drawn from it, so every rank of a job builds the
     same ones; without it they come from Paddle's current generator (weights loaded later replace them)."""
@@ -100,7 +100,7 @@ def build_model(model_cfg, seed=None):
         **dataclasses.asdict(architecture),
     )
     if model_cfg.get("pretrained"):
-        load_pretrained(model, model_cfg["pretrained"])
+        load_weights(model, model_cfg["pretrained"], "model.pretrained", adapt=True)
     return model
 
 

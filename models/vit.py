@@ -2,15 +2,14 @@
 
 Pre-norm encoder blocks with a class token, a learned position embedding and a linear head on the
 class token. Parameter names follow PaddleClas/timm (`patch_embed.proj`, `cls_token`, `pos_embed`,
-`blocks.{i}.attn.qkv`, ...) so their `.pdparams` load without renaming; `models.pretrained` maps
+`blocks.{i}.attn.qkv`, ...) so their `.pdparams` load without renaming; models/weights.py maps
 Google's `.npz` checkpoints onto the same names.
 
 Dropout follows the public R-Drop ViT code (dropreg/R-Drop vit_src/models/modeling.py) exactly:
 `dropout` after adding the position embeddings and twice in every MLP (after GELU and after fc2);
-`attn_dropout` on the attention probabilities and after the attention output projection. The public
-R-Drop ViT code uses `attention_dropout_rate` for both attn_dropout and proj_dropout; we match the
-public code exactly. Stochastic depth (`drop_path`, per sample) grows linearly over the blocks, as in
-timm, and is off by default.
+`attn_dropout` on the attention probabilities and after the attention output projection (the public
+code's `attention_dropout_rate` serves both). Stochastic depth (`drop_path`, per sample) grows
+linearly over the blocks, as in timm, and is off by default.
 
 Initialisation is Google's from-scratch recipe (vision_transformer models_vit.py): Xavier-uniform
 Linear weights (q, k and v each as its own D x D matrix), MLP biases normal(std=1e-6), other biases

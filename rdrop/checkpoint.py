@@ -2,6 +2,7 @@
 
 Layout under `train.output_dir`:
 
+    config.yaml                              the run's full config
     checkpoints/step_<N>/model.pdparams      model weights (the state_dict of the bare model)
                         optimizer.pdopt     optimizer state: momentum / Adam moments, LR scheduler
                         trainer_state.json  step, data-stream position, best metric, loss-scaler state
@@ -13,6 +14,7 @@ A checkpoint is written into a hidden `.step_<N>.partial` folder, every file flu
 then renamed to `step_<N>` (rdrop/atomic.py): the rename is atomic, so a folder named `step_<N>` is
 always complete, and a crash mid-save leaves the previous checkpoints untouched. Only rank 0 calls
 the writers, and only after `claim_output_dir` has locked the folder for its run.
+The model weights in a checkpoint are read like weights from any other source, by `load_weights`.
 """
 
 import fcntl
@@ -31,6 +33,7 @@ import paddle
 
 logger = logging.getLogger(__name__)
 
+RUN_CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.pdparams"
 OPTIMIZER_FILE = "optimizer.pdopt"
@@ -116,13 +119,17 @@ def save_best(output_dir, model_state, metrics):
         raise _save_error(f"the best weights in '{output_dir}'", error) from None
 
 
-def _load_file(path, loader):
+def _require_file(path):
     if not os.path.isfile(path):
         raise UserError(
             f"Checkpoint file '{path}' is missing: the checkpoint is incomplete or not a "
             f"checkpoint folder of this project. Point train.resume at a checkpoints/step_<N> "
             f"folder, or use train.resume=auto."
         )
+
+
+def _load_file(path, loader):
+    _require_file(path)
     try:
         return loader(path)
     except Exception as error:  # paddle.load and json raise many types on corrupt files
@@ -137,64 +144,19 @@ def _read_json(path):
         return json.load(stream, object_hook=_restore_arrays)
 
 
-def load_model_state(path):
-    """The state dict (parameter name -> array) in a `.pdparams` file, or a UserError saying what is wrong."""
-    try:
-        state = paddle.load(path, return_numpy=True)
-    except Exception as error:  # paddle.load lets whatever its last format attempt raised escape
-        raise UserError(
-            f"Weights file '{path}' cannot be read by paddle.load ({type(error).__name__}: "
-            f"{error}). It is corrupt or not a state dict; use another checkpoint."
-        ) from None
-    if not isinstance(state, dict) or not all(hasattr(value, "shape") for value in state.values()):
-        raise UserError(
-            f"Weights file '{path}' does not hold a state dict (parameter names -> arrays); pass a "
-            f"model's weights such as best.pdparams or checkpoints/step_<N>/model.pdparams."
-        )
-    return state
-
-
 def load(path):
-    """Read a checkpoint folder: (model_state, optimizer_state, trainer_state)."""
+    """Read a checkpoint folder: (optimizer_state, trainer_state), after checking that its model
+    weights are there too (`load_weights` reads them)."""
     if not os.path.isdir(path):
         raise UserError(
             f"Checkpoint '{path}' is not a folder. Point train.resume at a checkpoints/step_<N> "
             f"folder of a previous run, or use train.resume=auto."
         )
+    _require_file(os.path.join(path, MODEL_FILE))
     return (
-        _load_file(os.path.join(path, MODEL_FILE), paddle.load),
         _load_file(os.path.join(path, OPTIMIZER_FILE), paddle.load),
         _load_file(os.path.join(path, STATE_FILE), _read_json),
     )
-
-
-def restore_model(model, state, source):
-    """Load `state` into `model` only if every key and shape matches; otherwise say exactly what differs."""
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    given = {name: tuple(value.shape) for name, value in state.items()}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    mismatched = [
-        f"{name}: checkpoint {given[name]} vs model {expected[name]}"
-        for name in sorted(set(expected) & set(given))
-        if given[name] != expected[name]
-    ]
-    if missing or unexpected or mismatched:
-        problems = "; ".join(
-            part
-            for part in (
-                f"missing {', '.join(missing[:8])}" if missing else "",
-                f"unexpected {', '.join(unexpected[:8])}" if unexpected else "",
-                f"shape mismatch {', '.join(mismatched[:8])}" if mismatched else "",
-            )
-            if part
-        )
-        raise UserError(
-            f"The weights in '{source}' do not fit the model built from the config ({problems}). "
-            f"Use the config of the run that wrote them (its config.yaml), e.g. the same model.name, "
-            f"model.img_size and model.num_classes."
-        )
-    model.set_state_dict(state)
 
 
 def _rename_keys(state, renames):

@@ -1,10 +1,5 @@
-"""Evaluating trained weights: locating them and their run's config, loading them exactly, and
-measuring top-1 / top-5 / loss / per-class accuracy and dropout consistency over a whole split.
-
-Weights come as a training checkpoint folder (`checkpoints/step_<N>`), a `.pdparams` state dict
-(`best.pdparams`) or a Google ViT `.npz`; evaluation and export load them strictly, with no head
-re-initialisation and no position-embedding resize, because adapted weights would not be the
-weights being evaluated.
+"""Metrics of a model over a whole split: top-1 / top-5 / loss / per-class accuracy, the worst
+classes, and dropout consistency.
 
 Each rank sees a disjoint part of the set (the data package shards without padding), the sums are
 all-reduced, so every image is counted exactly once and every rank reports the same numbers. All
@@ -12,78 +7,14 @@ accumulation stays on the device; the only copy to the host is of the final tota
 """
 
 import contextlib
-import os
 
-from rdrop import checkpoint, distributed, logs
-from rdrop.errors import UserError
+from rdrop import distributed, logs
 from rdrop.loss import cross_entropy, symmetric_kl
 from rdrop.precision import autocast
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
-
-import models
-
-RUN_CONFIG = "config.yaml"
-FOLDER, PDPARAMS, NPZ = "checkpoint folder", ".pdparams", ".npz"
-WEIGHT_FORMATS = "a training checkpoint folder (checkpoints/step_<N>), a .pdparams file or a Google ViT .npz"
-
-
-def weights_format(path):
-    """FOLDER, PDPARAMS or NPZ for a path to trained weights; a UserError for anything else."""
-    if os.path.isdir(path):
-        return FOLDER
-    if not os.path.isfile(path):
-        raise UserError(
-            f"Checkpoint '{path}' does not exist. Pass {WEIGHT_FORMATS}, e.g. --checkpoint output/run/best.pdparams."
-        )
-    for suffix in (PDPARAMS, NPZ):
-        if path.lower().endswith(suffix):
-            return suffix
-    raise UserError(f"Checkpoint '{path}' has an unknown format: pass {WEIGHT_FORMATS}.")
-
-
-def run_config_path(weights_path):
-    """The config.yaml of the training run that wrote `weights_path`: in the same folder (best.pdparams,
-    or a checkpoint folder's model.pdparams) or in the run folder above `checkpoints/step_<N>`."""
-    kind = weights_format(weights_path)
-    if kind == NPZ:
-        raise UserError(
-            f"'{weights_path}' is a Google .npz, which does not belong to a training run of this "
-            f"project, so it has no config.yaml: pass the config that describes its architecture "
-            f"and the dataset, e.g. --config configs/vit_b16_cifar100.yaml."
-        )
-    folder = os.path.abspath(weights_path if kind == FOLDER else os.path.dirname(os.path.abspath(weights_path)))
-    candidates = [folder]
-    if os.path.basename(os.path.dirname(folder)) == checkpoint.CHECKPOINTS:
-        candidates.append(os.path.dirname(os.path.dirname(folder)))
-    for candidate in candidates:
-        path = os.path.join(candidate, RUN_CONFIG)
-        if os.path.isfile(path):
-            return path
-    raise UserError(
-        f"No --config given and no {RUN_CONFIG} found for checkpoint '{weights_path}' (looked in "
-        f"{' and '.join(candidates)}). Pass the config the weights were trained with, e.g. "
-        f"--config output/run/{RUN_CONFIG}."
-    )
-
-
-def load_trained_weights(model, path):
-    """Load `path` into `model` only if every parameter fits exactly (see the module doc)."""
-    kind = weights_format(path)
-    if kind == NPZ:
-        models.load_pretrained(model, path, adapt=False)
-        return
-    file = os.path.join(path, checkpoint.MODEL_FILE) if kind == FOLDER else path
-    if not os.path.isfile(file):
-        best = os.path.join(path, checkpoint.BEST_WEIGHTS)
-        hint = f" (this looks like a run folder: its best weights are '{best}')" if os.path.isfile(best) else ""
-        raise UserError(
-            f"Checkpoint folder '{path}' holds no {checkpoint.MODEL_FILE}{hint}. Pass a "
-            f"checkpoints/step_<N> folder of a training run, or a .pdparams file."
-        )
-    checkpoint.restore_model(model, checkpoint.load_model_state(file), file)
 
 
 @contextlib.contextmanager

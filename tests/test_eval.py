@@ -16,6 +16,7 @@ from vit_reference import TINY_MODEL, google_vit_forward, symmetric_kl_rows, wri
 
 import data
 import eval as evaluate_script
+import models
 
 NUM_TRAIN, NUM_TEST = 48, 21  # 21 test images: not divisible by 2 or 3 processes
 
@@ -81,7 +82,7 @@ def test_run_config_is_found_from_a_checkpoint_folder_file_or_best_weights(tmp_p
     run, _, _ = write_run(tmp_path, archive10, "found", fixed_class_weights(np.arange(10.0)), model={"num_classes": 10})
     step_folder = run / "checkpoints" / f"step_{CHECKPOINT_STEP}"
     for weights in (step_folder, step_folder / "model.pdparams", run / "best.pdparams"):
-        assert evaluation.run_config_path(str(weights)) == str(run / "config.yaml")
+        assert models.run_config_path(str(weights)) == str(run / "config.yaml")
     metrics = evaluate_script.main(["--checkpoint", str(step_folder)])
     assert metrics["config"] == str(run / "config.yaml") and metrics["num_samples"] == NUM_TEST
 
@@ -95,7 +96,7 @@ def test_missing_run_config_and_npz_without_config_are_clear_errors(tmp_path, ar
     code, message = run_eval(capsys, "--checkpoint", str(tmp_path / "ViT-tiny.npz"))
     assert code == 2 and "Google .npz" in message and "--config" in message
     code, message = run_eval(capsys, "--checkpoint", str(tmp_path / "nowhere.pdparams"))
-    assert code == 2 and "does not exist" in message
+    assert code == 2 and "do not exist" in message
 
 
 def test_unreadable_weights_and_a_run_folder_are_clear_errors(tmp_path, archive10, capsys):
@@ -117,7 +118,7 @@ def test_weights_of_another_shape_are_refused_naming_both_shapes(tmp_path, archi
     )
     assert code == 2
     width = TINY_MODEL["embed_dim"]
-    assert "head.weight" in message and f"({width}, 10)" in message and f"({width}, 100)" in message
+    assert f"head.weight (checkpoint [{width}, 10], model [{width}, 100])" in message
     assert "Traceback" not in message
 
 
@@ -144,6 +145,22 @@ def test_npz_is_evaluated_strictly(tmp_path, archive, capsys):
         capsys, "--checkpoint", str(tmp_path / "ViT-tiny.npz"), "--config", str(run / "config.yaml")
     )
     assert code == 2 and "10" in message and "100" in message and "head" in message
+
+
+def test_npz_missing_many_keys_names_the_evaluated_file_and_a_few_keys(tmp_path, archive, capsys):
+    run, _, _ = write_run(tmp_path, archive, "google", random_weights())  # the tiny model: 2 blocks
+    complete = write_google_npz(tmp_path / "complete.npz", num_classes=100)
+    shallow = write_google_npz(tmp_path / "ViT-shallow.npz", num_classes=100, depth=1)
+    missing = sorted(set(complete) - set(shallow))
+    code, message = run_eval(
+        capsys, "--checkpoint", str(tmp_path / "ViT-shallow.npz"), "--config", str(run / "config.yaml")
+    )
+    assert code == 2 and str(tmp_path / "ViT-shallow.npz") in message and "--checkpoint" in message
+    assert "model.pretrained" not in message
+    shown = models.weights.KEYS_LISTED
+    assert len(missing) > shown
+    assert f"missing {', '.join(missing[:shown])} and {len(missing) - shown} more." in message
+    assert message.count("\n") == 1  # one paragraph
 
 
 def test_dropout_consistency_averages_over_images_and_passes(tmp_path, archive):

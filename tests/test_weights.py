@@ -1,11 +1,14 @@
-"""Pretrained loading: Google .npz against a NumPy ViT, .pdparams round trips, adaptations, errors, URLs."""
+"""Model weights: Google .npz against a NumPy ViT, .pdparams and checkpoint-folder round trips,
+adaptations, strict fits, errors, URLs."""
 
 import functools
 import http.server
 import logging
+import os
 import re
 import threading
 
+from rdrop import checkpoint
 from rdrop.errors import UserError
 
 import numpy as np
@@ -14,7 +17,7 @@ import pytest
 from vit_reference import google_vit_arrays, google_vit_forward, tiny_model_cfg, write_google_npz
 
 import models
-from models import pretrained
+from models import weights
 
 
 def images(batch=3, size=16, seed=1):
@@ -42,7 +45,7 @@ def test_google_npz_gives_the_reference_logits(tiny_npz):
 def test_pre_logits_are_ignored_and_logged(tmp_path, caplog):
     path = tmp_path / "with_pre_logits.npz"
     arrays = write_google_npz(path, pre_logits=True)
-    with caplog.at_level(logging.INFO, logger="models.pretrained"):
+    with caplog.at_level(logging.INFO, logger="models.weights"):
         model = models.build_model(tiny_model_cfg(pretrained=str(path)))
     assert "pre_logits/kernel" in caplog.text
     reference = google_vit_forward({k: v for k, v in arrays.items() if not k.startswith("pre_logits")}, images())
@@ -77,7 +80,7 @@ def test_paddleclas_style_numpy_state_dict_loads(tiny_npz, tmp_path):
 
 def test_head_with_other_classes_is_zeroed_and_logged(tiny_npz, caplog):
     path, arrays = tiny_npz
-    with caplog.at_level(logging.INFO, logger="models.pretrained"):
+    with caplog.at_level(logging.INFO, logger="models.weights"):
         model = models.build_model(tiny_model_cfg(num_classes=21, pretrained=str(path)))
     assert "head has 10 classes, the model 21: head initialised to zeros" in caplog.text
     assert model.head.weight.shape == [32, 21] and not model.head.weight.numpy().any()
@@ -94,7 +97,7 @@ def test_without_adaptation_head_and_grid_mismatches_are_errors(tiny_npz):
     ):
         model = models.build_model(tiny_model_cfg(**cfg))
         with pytest.raises(UserError, match=re.escape(offending)):
-            models.load_pretrained(model, str(path), adapt=False)
+            models.load_weights(model, str(path), "--checkpoint")
 
 
 def numpy_bilinear_align_corners(grid, new_side):
@@ -117,7 +120,7 @@ def numpy_bilinear_align_corners(grid, new_side):
 
 def test_position_embedding_grid_is_resized_bilinearly(tiny_npz, caplog):
     path, arrays = tiny_npz  # 16 px / 4 px patches: a 4x4 grid
-    with caplog.at_level(logging.INFO, logger="models.pretrained"):
+    with caplog.at_level(logging.INFO, logger="models.weights"):
         model = models.build_model(tiny_model_cfg(img_size=24, pretrained=str(path)))
     assert "from 4x4 to 6x6" in caplog.text
     original = arrays["Transformer/posembed_input/pos_embedding"]
@@ -160,11 +163,14 @@ def test_missing_google_key_is_named(tmp_path):
     assert "missing Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias" in message
 
 
-def test_unexpected_google_keys_are_named(tmp_path):
-    write_google_npz(tmp_path / "deeper.npz", depth=3)  # one block more than the model
+def test_unexpected_google_keys_are_named_the_first_few_and_a_count(tmp_path):
+    arrays = write_google_npz(tmp_path / "deeper.npz", depth=3)  # one block more than the model
+    unexpected = sorted(key for key in arrays if key.startswith("Transformer/encoderblock_2/"))
     message = load_error(tmp_path / "deeper.npz")
-    assert "unexpected Transformer/encoderblock_2/LayerNorm_0/bias" in message
-    assert "Transformer/encoderblock_2/MultiHeadDotProductAttention_1/out/kernel" in message
+    shown = weights.KEYS_LISTED
+    assert len(unexpected) > shown  # else nothing would be left out
+    assert f"unexpected {', '.join(unexpected[:shown])} and {len(unexpected) - shown} more" in message
+    assert unexpected[shown] not in message
 
 
 def test_other_head_count_is_a_shape_error_with_both_shapes(tmp_path):
@@ -176,7 +182,9 @@ def test_other_head_count_is_a_shape_error_with_both_shapes(tmp_path):
 def test_other_width_is_a_shape_error(tmp_path):
     write_google_npz(tmp_path / "wide.npz", embed_dim=48, num_heads=4)
     message = load_error(tmp_path / "wide.npz")
-    assert "embedding/kernel (checkpoint [4, 4, 3, 48], model [4, 4, 3, 32])" in message
+    # Nearly every array differs; the first in name order is listed with both shapes, the rest counted.
+    assert "other shapes: Transformer/encoder_norm/bias (checkpoint [48], model [32])," in message
+    assert re.search(r"and \d+ more\.", message)
 
 
 def test_head_with_other_width_is_not_re_initialised(tmp_path):
@@ -201,6 +209,30 @@ def test_pdparams_key_and_shape_errors(tiny_npz, tmp_path):
     wrong = dict(state, **{"blocks.1.mlp.fc1.weight": np.ones((32, 65), np.float32)})
     paddle.save(wrong, str(tmp_path / "wrong.pdparams"))
     assert "blocks.1.mlp.fc1.weight (checkpoint [32, 65], model [32, 64])" in load_error(tmp_path / "wrong.pdparams")
+
+
+def test_strict_fit_lists_missing_unexpected_and_mismatched_keys_together(tmp_path):
+    model = paddle.nn.Linear(4, 10)
+    paddle.save({"weight": paddle.zeros([4, 100]), "extra": paddle.zeros([1])}, str(tmp_path / "bad.pdparams"))
+    with pytest.raises(UserError) as error:
+        models.load_weights(model, str(tmp_path / "bad.pdparams"), "train.resume")
+    message = str(error.value)
+    assert "missing bias" in message and "unexpected extra" in message
+    assert "weight (checkpoint [4, 100], model [4, 10])" in message
+    assert "train.resume" in message and "model.pretrained" not in message
+    paddle.save({"weight": paddle.ones([4, 10]), "bias": paddle.ones([10])}, str(tmp_path / "good.pdparams"))
+    models.load_weights(model, str(tmp_path / "good.pdparams"), "train.resume")
+    np.testing.assert_array_equal(model.weight.numpy(), np.ones([4, 10]))
+
+
+def test_corrupt_weights_in_a_checkpoint_folder_are_a_user_error(tmp_path):
+    folder = checkpoint.save(
+        str(tmp_path), 3, {"weight": paddle.ones([4, 10])}, {"velocity": paddle.ones([1])}, {}, keep=1
+    )
+    with open(os.path.join(folder, checkpoint.MODEL_FILE), "wb") as stream:
+        stream.write(b"\x00garbage")
+    with pytest.raises(UserError, match="model.pdparams' \\(train.resume\\) cannot be read"):
+        models.load_weights(paddle.nn.Linear(4, 10), folder, "train.resume")
 
 
 def test_pickled_object_array_is_refused_unopened(tmp_path):
@@ -273,7 +305,7 @@ def weights_server(tmp_path, monkeypatch):
     thread.start()
     for variable in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setattr(pretrained.download, "WEIGHTS_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(weights.download, "WEIGHTS_HOME", str(tmp_path / "cache"))
     yield f"http://127.0.0.1:{server.server_address[1]}", served, requests
     server.shutdown()
     server.server_close()
@@ -295,6 +327,6 @@ def test_md5_mismatch_and_missing_url_are_user_errors(weights_server):
     write_google_npz(served / "ViT-tiny.npz")
     model = models.build_model(tiny_model_cfg())
     with pytest.raises(UserError, match="ViT-tiny.npz"):
-        models.load_pretrained(model, f"{base}/ViT-tiny.npz", md5sum="0" * 32)
+        models.load_weights(model, f"{base}/ViT-tiny.npz", "model.pretrained", adapt=True, md5sum="0" * 32)
     with pytest.raises(UserError, match="absent.npz"):
-        models.load_pretrained(model, f"{base}/absent.npz")
+        models.load_weights(model, f"{base}/absent.npz", "model.pretrained", adapt=True)
