@@ -6,8 +6,8 @@ the input is an eager float32 CPU tensor and `use_cpu_kernels` is on (`model.cpu
 work goes to the compiled kernels of models/cpu_kernels.cc, or for Linear to a matrix-vector bias
 gradient; anywhere else (GPU, other dtypes, static programs such as export) Paddle's kernels run.
 
-Paddle runs these on one CPU thread, and its layer-norm and GELU gradients unvectorised; the
-measured gains (2-4x per layer, 1.6x on the whole R-Drop step) are in docs/performance.md.
+What the compiled kernels do differently is said in models/cpu_kernels.cc; the measured gains
+(2-4x per layer, 1.6x on the whole R-Drop step) are in docs/performance.md.
 """
 
 import paddle

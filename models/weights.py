@@ -75,7 +75,7 @@ def load_weights(model, source, setting, adapt=False, md5sum=None):
         _adapt_head(state, model)
         _adapt_position_embedding(state, model)
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    check_fit({key: value.shape for key, value in state.items()}, expected, path, setting, adapt)
+    _check_fit({key: value.shape for key, value in state.items()}, expected, path, setting, adapt)
     # The model is built in float32; mixed precision casts on the fly.
     model.set_state_dict({key: np.asarray(value, dtype=np.float32) for key, value in state.items()})
     logger.info("Loaded the weights in %s", source)
@@ -107,7 +107,7 @@ def run_config_path(source):
     )
 
 
-def check_fit(found, expected, path, setting, adapt):
+def _check_fit(found, expected, path, setting, adapt):
     """Raise one UserError listing every key of `found` (name -> shape) missing from, unexpected in,
     or shaped differently from `expected`; the fix it suggests depends on strict or adapted use."""
     missing = sorted(set(expected) - set(found))
@@ -264,7 +264,7 @@ def _state_from_google_npz(path, model, setting, adapt):
     expected = google_npz_shapes(model)
     adaptable = (GOOGLE_POS_EMBED, *GOOGLE_HEAD_KEYS)
     found = {key: expected[key] if key in adaptable else value.shape for key, value in arrays.items()}
-    check_fit(found, expected, path, setting, adapt)
+    _check_fit(found, expected, path, setting, adapt)
     return _google_to_paddle_names(arrays, model.depth)
 
 
