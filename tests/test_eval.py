@@ -97,6 +97,8 @@ def test_missing_run_config_and_npz_without_config_are_clear_errors(tmp_path, ar
     assert code == 2 and "Google .npz" in message and "--config" in message
     code, message = run_eval(capsys, "--checkpoint", str(tmp_path / "nowhere.pdparams"))
     assert code == 2 and "do not exist" in message
+    code, message = run_eval(capsys, "--checkpoint", "http://127.0.0.1:9/best.pdparams")
+    assert code == 2 and "URL" in message and "--config" in message
 
 
 def test_unreadable_weights_and_a_run_folder_are_clear_errors(tmp_path, archive10, capsys):

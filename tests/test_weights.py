@@ -318,6 +318,9 @@ def test_url_is_downloaded_once_and_kept_as_npz(weights_server, tmp_path):
     for _ in range(2):
         model = models.build_model(tiny_model_cfg(pretrained=url))
         np.testing.assert_allclose(eval_logits(model, images()), google_vit_forward(arrays, images()), atol=1e-4)
+    strict = models.build_model(tiny_model_cfg())
+    models.load_weights(strict, url, "--checkpoint")  # the same reader, strictly: from the cache
+    np.testing.assert_allclose(eval_logits(strict, images()), google_vit_forward(arrays, images()), atol=1e-4)
     assert requests == ["/ViT-tiny.npz"]
     assert (tmp_path / "cache" / "ViT-tiny.npz").is_file()  # the archive itself, not unpacked
 
