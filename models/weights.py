@@ -17,12 +17,12 @@ Sources:
 - An http(s) URL to a `.npz` or `.pdparams`, downloaded once into Paddle's weights cache
   (~/.cache/paddle/hapi/weights) and reused afterwards.
 
-Fitting: strict (evaluation, export, resume) takes the weights as they are; adapted (fine-tuning from
-`model.pretrained`) first replaces a classifier head for another number of classes by zeros (as the
-public fine-tuning code does) and resizes a position embedding for another grid by bilinear
-interpolation (class token kept), logging each. Anything else that does not fit the model (missing or
-unexpected keys, other shapes) is a UserError listing the offending keys; nothing is ever loaded
-partially.
+Fitting: strict (evaluation, export, resume) takes the weights as they are, since adapted weights
+would not be the weights evaluated or resumed. Adapted (fine-tuning from `model.pretrained`) first
+replaces a classifier head for another number of classes by zeros (as the public fine-tuning code
+does) and resizes a position embedding for another grid by bilinear interpolation (class token
+kept), logging each. Anything else that does not fit the model (missing or unexpected keys, other
+shapes) is a UserError listing the offending keys; nothing is ever loaded partially.
 
 Also here: which run config describes a run's weights (`run_config_path`).
 """
