@@ -195,7 +195,7 @@ def test_an_fp16_loss_scaler_state_survives_save_and_resume(tmp_path):
         "use_dynamic_loss_scaling": True,
     }
     checkpoint.save(str(tmp_path), 3, *small_states(3), {"loss_scaler": gpu_state}, keep=1)
-    _, _, trainer_state = checkpoint.load(str(tmp_path / "checkpoints" / "step_3"))
+    _, trainer_state = checkpoint.load(str(tmp_path / "checkpoints" / "step_3"))
 
     scaler = paddle.amp.GradScaler(enable=False)
     scaler._enable = True  # as on a GPU: on a CPU, Paddle disables the scaler when it is built
