@@ -287,14 +287,14 @@ def check_fp16_resume(cfg):
             {"data": {}, "best": None, "loss_scaler": saved},
             keep=1,
         )
-        model_state, optimizer_state, trainer_state = checkpoint.load(path)
+        optimizer_state, trainer_state = checkpoint.load(path)
 
-    def restore(model, optimizer, scaler):  # as train.py resumes
-        checkpoint.restore_model(model, model_state, path)
-        checkpoint.restore_optimizer(optimizer, model, optimizer_state)
-        scaler.load_state_dict(trainer_state["loss_scaler"])
+        def restore(model, optimizer, scaler):  # as train.py resumes
+            models.load_weights(model, path, "train.resume")
+            checkpoint.restore_optimizer(optimizer, model, optimizer_state)
+            scaler.load_state_dict(trainer_state["loss_scaler"])
 
-    resumed = build(cfg, distributed.Context(0, 1), restore)
+        resumed = build(cfg, distributed.Context(0, 1), restore)
     restored = resumed.scaler.state_dict()
     if not saved or restored.keys() != saved.keys():
         return failed(f"the loss scaler's state was {saved} when saved and {restored} after resuming")
