@@ -1,0 +1,536 @@
+"""Compare training arms over several seeds: test metrics as mean ± std, paired differences with 95% intervals.
+
+    python scripts/compare.py --config configs/quickstart.yaml --arm baseline rdrop.alpha=0 --arm rdrop \\
+        --seeds 0 1 2 3 4 --consistency 8 --output-dir output/compare_quickstart
+    python scripts/compare.py ... --nproc_per_node 2        (each run on 2 CPU processes)
+    python scripts/compare.py ... --devices 0,1,2,3          (each run on 4 GPUs)
+    python scripts/compare.py --output-dir output/compare_quickstart --table-only
+
+`--arm NAME [CONFIG.yaml] [SECTION.KEY=VALUE ...]` names one arm: the config it trains (default:
+--config) and the overrides that make it different; without --arm the grid is `baseline` (rdrop.alpha=0)
+against `rdrop` (the config as it is). `-o` overrides apply to every arm. Seed s of every arm runs
+with `-o train.seed=s`, so the arms' seed-s runs share initialisation, data order and augmentation
+and the paired difference between them removes that variation.
+
+Every run is an ordinary train.py run in OUTPUT_DIR/ARM/seed_S, started with the launcher arguments
+given here, seed by seed (seed 0 of every arm, then seed 1, ...) so a stopped grid holds complete
+pairs. Rerunning the same command resumes: finished runs are kept, an interrupted one continues with
+`-o train.resume=auto`. After training, eval.py evaluates the run's best.pdparams on the test split
+(`--output test_metrics.json`, `--consistency K` if given).
+
+The table reports, per arm, the mean ± sample standard deviation over seeds of top-1, top-5, loss,
+the dropout consistency (with --consistency) and the training wall time, and each seed's value; per
+pair of arms, the mean paired difference (later arm minus earlier arm, in --arm order) with a 95%
+paired-t interval, mean ± t(0.975, n-1) · sd / sqrt(n) over the n seeds both arms completed. It is
+printed and written to OUTPUT_DIR as table.txt, runs.csv, summary.csv, results.json and
+comparison.png; --table-only rebuilds all of them from the run folders without training.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+
+from rdrop import checkpoint, config, distributed, logs
+from rdrop.errors import UserError, exit_on_user_error
+
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy import stats
+
+logger = logging.getLogger("compare")
+
+GRID_FILE = "grid.json"  # the grid's definition, so --table-only needs only the output folder
+TEST_METRICS = "test_metrics.json"
+TIMING_FILE = "compare_timing.json"
+DEFAULT_ARMS = [["baseline", "rdrop.alpha=0"], ["rdrop"]]
+CONFIDENCE = 0.95
+# (key, column header, how to read it from the run's record)
+METRICS = (
+    ("top1", "test top-1 %", lambda run: run["test"]["top1"]),
+    ("top5", "test top-5 %", lambda run: run["test"]["top5"]),
+    ("loss", "test loss", lambda run: run["test"]["loss"]),
+    ("consistency_kl", "dropout sym. KL", lambda run: run["test"].get("consistency", {}).get("symmetric_kl")),
+    (
+        "disagreement",
+        "dropout top-1 disagreement %",
+        lambda run: run["test"].get("consistency", {}).get("disagreement"),
+    ),
+    ("train_minutes", "training wall time (min)", lambda run: run["train_seconds"] / 60),
+)
+ARM_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config every arm trains unless the arm names its own")
+    parser.add_argument(
+        "--arm",
+        nargs="+",
+        action="append",
+        metavar="NAME [CONFIG.yaml] [SECTION.KEY=VALUE]",
+        help="one arm of the grid; repeat for each arm (default: baseline rdrop.alpha=0, and rdrop)",
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, metavar="SEED", help="train.seed of the runs (default 0 1 2 3 4)"
+    )
+    parser.add_argument("--output-dir", required=True, help="folder of the grid: one run folder per arm and seed")
+    parser.add_argument(
+        "--consistency", type=int, default=0, metavar="K", help="also measure dropout consistency with K samples"
+    )
+    parser.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key in every arm; repeatable",
+    )
+    launcher = parser.add_mutually_exclusive_group()
+    launcher.add_argument("--nproc_per_node", type=int, help="run each train.py/eval.py on this many processes")
+    launcher.add_argument("--devices", help="run each train.py/eval.py on these GPUs, e.g. 0,1,2,3")
+    parser.add_argument(
+        "--table-only", action="store_true", help="rebuild the table and files from the run folders, train nothing"
+    )
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The grid: arms x seeds, each run a train.py output folder.
+
+
+def parse_arm(tokens, default_config):
+    name, rest = tokens[0], tokens[1:]
+    if not ARM_NAME.match(name) or name in (".", ".."):
+        raise UserError(
+            f"Arm name '{name}' is not usable as a folder name. Use letters, digits, '_', '-' or '.', "
+            f"e.g. --arm baseline rdrop.alpha=0."
+        )
+    configs = [token for token in rest if "=" not in token]
+    if len(configs) > 1:
+        raise UserError(
+            f"Arm '{name}' names {len(configs)} configs ({', '.join(configs)}); give at most one YAML file, "
+            f"then SECTION.KEY=VALUE overrides."
+        )
+    arm_config = configs[0] if configs else default_config
+    if arm_config is None:
+        raise UserError(f"Arm '{name}' has no config: pass --config, or name a YAML file after the arm's name.")
+    return {"name": name, "config": arm_config, "overrides": [token for token in rest if "=" in token]}
+
+
+def define_grid(args):
+    arms = [parse_arm(tokens, args.config) for tokens in (args.arm or DEFAULT_ARMS)]
+    names = [arm["name"] for arm in arms]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise UserError(f"Arm name(s) {', '.join(duplicates)} given twice. Give every --arm its own name.")
+    seeds = args.seeds if args.seeds is not None else [0, 1, 2, 3, 4]
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: give distinct seeds >= 0.")
+    if args.consistency < 0:
+        raise UserError(f"--consistency must be a number of dropout samples >= 0, got {args.consistency}.")
+    return {
+        "arms": arms,
+        "seeds": seeds,
+        "overrides": args.override,
+        "consistency": args.consistency,
+        "launcher": launcher_args(args),
+    }
+
+
+def launcher_args(args):
+    if args.nproc_per_node is not None:
+        if args.nproc_per_node < 1:
+            raise UserError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}.")
+        return ["--nproc_per_node", str(args.nproc_per_node)]
+    if args.devices is not None:
+        return ["--devices", args.devices]
+    return []
+
+
+def run_dir(output_dir, arm, seed):
+    return os.path.join(output_dir, arm["name"], f"seed_{seed}")
+
+
+def run_overrides(grid, arm, seed, output_dir):
+    return grid["overrides"] + arm["overrides"] + [f"train.seed={seed}", f"train.output_dir={output_dir}"]
+
+
+def total_steps(grid, arm, seed, folder):
+    """The run's schedule.total_steps, from the config train.py would resolve; a bad config or override
+    is reported here, before anything trains."""
+    cfg = config.load(arm["config"], run_overrides(grid, arm, seed, folder))
+    return cfg["schedule"]["total_steps"]
+
+
+def trained(folder, steps):
+    saved = checkpoint.list_checkpoints(folder)
+    return bool(saved) and saved[-1][0] >= steps
+
+
+def script_command(launcher, log_dir, script, args):
+    if launcher:
+        return [sys.executable, "-m", "paddle.distributed.launch", *launcher, "--log_dir", log_dir, script, *args]
+    return [sys.executable, script, *args]
+
+
+class Subprocesses:
+    """Runs one child at a time. Ctrl-C or SIGTERM reaches the child (same process group, or forwarded),
+    which stops cleanly with a checkpoint; we wait for it instead of killing it, then stop the grid."""
+
+    def __init__(self):
+        self.child = None
+        self.interrupted = None
+        signal.signal(signal.SIGTERM, self._forward)
+
+    def _forward(self, signum, frame):
+        self.interrupted = signal.Signals(signum).name
+        if self.child is not None:
+            self.child.send_signal(signum)
+
+    def run(self, command):
+        self.child = subprocess.Popen(command, cwd=ROOT)
+        while True:
+            try:
+                code = self.child.wait()
+                break
+            except KeyboardInterrupt:
+                self.interrupted = "SIGINT"
+        self.child = None
+        return code
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as stream:
+        return json.load(stream)
+
+
+def write_json(data, path):
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as stream:
+        json.dump(data, stream, indent=2)
+    os.replace(temporary, path)
+
+
+def train_run(grid, arm, seed, folder, processes):
+    log = os.path.join(folder, "train.log")
+    args = ["--config", arm["config"]]
+    for override in run_overrides(grid, arm, seed, folder) + ["train.resume=auto"]:
+        args += ["-o", override]
+    timing_path = os.path.join(folder, TIMING_FILE)
+    timing = read_json(timing_path) if os.path.exists(timing_path) else {"attempts": []}
+    load_start, start = os.getloadavg(), time.perf_counter()
+    code = processes.run(script_command(grid["launcher"], os.path.join(folder, "launch"), "train.py", args))
+    os.makedirs(folder, exist_ok=True)
+    timing["attempts"].append(
+        {
+            "seconds": time.perf_counter() - start,
+            "exit_code": code,
+            "load_average_start": load_start,
+            "load_average_end": os.getloadavg(),
+        }
+    )
+    write_json(timing, timing_path)
+    return code, log
+
+
+def evaluate_run(grid, folder, processes):
+    args = [
+        "--checkpoint",
+        os.path.join(folder, checkpoint.BEST_WEIGHTS),
+        "--output",
+        os.path.join(folder, TEST_METRICS),
+    ]
+    if grid["consistency"]:
+        args += ["--consistency", str(grid["consistency"])]
+    return processes.run(script_command(grid["launcher"], os.path.join(folder, "launch_eval"), "eval.py", args))
+
+
+def stop_if_failed(code, what, arm, seed, folder, log, processes):
+    if processes.interrupted:
+        raise UserError(
+            f"Grid stopped by {processes.interrupted} during {what} of arm '{arm['name']}' seed {seed} "
+            f"({folder}). Rerun the same command to continue: finished runs are kept and this one resumes."
+        )
+    if code != 0:
+        raise UserError(
+            f"The {what} of arm '{arm['name']}' seed {seed} failed with exit code {code}; the grid stops. "
+            f"Its output folder is {folder} and its log {log} (the console above shows the error). Fix "
+            f"the cause and rerun the same command: finished runs are kept and this one resumes."
+        )
+
+
+def run_grid(grid, output_dir):
+    runs = [(seed, arm) for seed in grid["seeds"] for arm in grid["arms"]]
+    steps = {(arm["name"], seed): total_steps(grid, arm, seed, run_dir(output_dir, arm, seed)) for seed, arm in runs}
+    processes = Subprocesses()
+    durations = []
+    for index, (seed, arm) in enumerate(runs, start=1):
+        folder = run_dir(output_dir, arm, seed)
+        label = f"run {index}/{len(runs)}: arm '{arm['name']}' seed {seed} in {folder}"
+        needs_training = not trained(folder, steps[arm["name"], seed])
+        if not needs_training and os.path.exists(os.path.join(folder, TEST_METRICS)):
+            logger.info("%s: done already", label)
+            continue
+        remaining = len(runs) - index + 1  # this run and the ones after it (any already done make it shorter)
+        eta = f"; grid ETA {logs.format_duration(remaining * np.mean(durations))}" if durations else ""
+        logger.info("%s%s%s", label, " (resuming)" if checkpoint.list_checkpoints(folder) else "", eta)
+        start = time.perf_counter()
+        if needs_training:
+            code, log = train_run(grid, arm, seed, folder, processes)
+            stop_if_failed(code, "training", arm, seed, folder, log, processes)
+            if not trained(folder, steps[arm["name"], seed]):
+                raise UserError(
+                    f"The training of arm '{arm['name']}' seed {seed} ended before schedule.total_steps "
+                    f"({steps[arm['name'], seed]}) without an error; see {log}. Rerun the same command to resume it."
+                )
+        code = evaluate_run(grid, folder, processes)
+        stop_if_failed(code, "evaluation", arm, seed, folder, os.path.join(folder, "launch_eval"), processes)
+        durations.append(time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The results: read back from the run folders, so a rebuilt table equals the first.
+
+
+def collect_runs(grid, output_dir):
+    """One record per finished run (trained and evaluated), in grid order; missing runs are listed."""
+    runs, missing = [], []
+    for seed in grid["seeds"]:
+        for arm in grid["arms"]:
+            folder = run_dir(output_dir, arm, seed)
+            metrics_path, timing_path = os.path.join(folder, TEST_METRICS), os.path.join(folder, TIMING_FILE)
+            if not os.path.exists(metrics_path):
+                missing.append(folder)
+                continue
+            attempts = read_json(timing_path)["attempts"] if os.path.exists(timing_path) else []
+            runs.append(
+                {
+                    "arm": arm["name"],
+                    "seed": seed,
+                    "folder": folder,
+                    "test": read_json(metrics_path),
+                    "train_seconds": sum(attempt["seconds"] for attempt in attempts) if attempts else math.nan,
+                    "load_average_end": attempts[-1]["load_average_end"] if attempts else None,
+                }
+            )
+    return runs, missing
+
+
+def describe(values):
+    """Mean and sample standard deviation (n - 1); the deviation is nan for a single value."""
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
+
+
+def paired_t_interval(differences, confidence=CONFIDENCE):
+    """Mean paired difference, its standard deviation, and the paired-t interval
+    mean ± t((1 + confidence) / 2, n - 1) · sd / sqrt(n); the interval is nan below two pairs."""
+    mean, sd = describe(differences)
+    n = len(differences)
+    if n < 2:
+        return mean, sd, math.nan, math.nan
+    half_width = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+    return mean, sd, mean - half_width, mean + half_width
+
+
+def summarise(grid, runs):
+    """Per arm and metric: n, mean, std and the per-seed values; per pair of arms (later minus earlier)
+    and metric: the paired difference over the seeds both finished, with its interval."""
+    names = [arm["name"] for arm in grid["arms"]]
+    value = {(run["arm"], run["seed"], key): read(run) for run in runs for key, _, read in METRICS}
+    metrics = [
+        key for key, _, _ in METRICS if any(v is not None and math.isfinite(v) for k, v in value.items() if k[2] == key)
+    ]
+    arms, pairs = [], []
+    for name in names:
+        for key in metrics:
+            per_seed = {seed: value[name, seed, key] for seed in grid["seeds"] if (name, seed, key) in value}
+            if per_seed:
+                mean, std = describe(list(per_seed.values()))
+                arms.append(
+                    {"arm": name, "metric": key, "n": len(per_seed), "mean": mean, "std": std, "per_seed": per_seed}
+                )
+    for first_index, first in enumerate(names):
+        for second in names[first_index + 1 :]:
+            for key in metrics:
+                seeds = [s for s in grid["seeds"] if (first, s, key) in value and (second, s, key) in value]
+                if not seeds:
+                    continue
+                differences = [value[second, s, key] - value[first, s, key] for s in seeds]
+                mean, std, low, high = paired_t_interval(differences)
+                pairs.append(
+                    {
+                        "pair": f"{second} - {first}",
+                        "metric": key,
+                        "n": len(seeds),
+                        "mean": mean,
+                        "std": std,
+                        "ci_low": low,
+                        "ci_high": high,
+                        "per_seed": dict(zip(seeds, differences)),
+                    }
+                )
+    return {"metrics": metrics, "arms": arms, "pairs": pairs}
+
+
+def _number(value, digits):
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+DIGITS = {"top1": 2, "top5": 2, "loss": 4, "consistency_kl": 4, "disagreement": 2, "train_minutes": 2}
+
+
+def format_table(summary):
+    headers = {key: header for key, header, _ in METRICS}
+    lines = ["Per arm: mean ± standard deviation over seeds (n), then each seed's value (seed: value)"]
+    for key in summary["metrics"]:
+        lines.append(f"  {headers[key]}")
+        digits = DIGITS[key]
+        for row in (row for row in summary["arms"] if row["metric"] == key):
+            seeds = "  ".join(f"{seed}: {_number(v, digits)}" for seed, v in row["per_seed"].items())
+            lines.append(
+                f"    {row['arm']:<16} {_number(row['mean'], digits):>9} ± {_number(row['std'], digits):<8} "
+                f"(n={row['n']})   {seeds}"
+            )
+    if summary["pairs"]:
+        lines.append(
+            f"Paired differences over seeds: mean, {CONFIDENCE:.0%} paired-t interval "
+            f"(mean ± t(0.975, n-1) · sd / sqrt(n)), n seeds"
+        )
+        for key in summary["metrics"]:
+            lines.append(f"  {headers[key]}")
+            digits = DIGITS[key]
+            for row in (row for row in summary["pairs"] if row["metric"] == key):
+                lines.append(
+                    f"    {row['pair']:<24} {_number(row['mean'], digits):>9}  "
+                    f"[{_number(row['ci_low'], digits)}, {_number(row['ci_high'], digits)}]  (n={row['n']})"
+                )
+    return "\n".join(lines)
+
+
+def write_outputs(output_dir, grid, runs, summary, table):
+    with open(os.path.join(output_dir, "table.txt"), "w", encoding="utf-8") as stream:
+        stream.write(table + "\n")
+    with open(os.path.join(output_dir, "runs.csv"), "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["arm", "seed", *summary["metrics"], "load_average_end_1_5_15", "folder"])
+        for run in runs:
+            row = [run["arm"], run["seed"], *(dict((k, r(run)) for k, _, r in METRICS)[k] for k in summary["metrics"])]
+            writer.writerow(row + [" ".join(f"{v:.2f}" for v in run["load_average_end"] or ()), run["folder"]])
+    with open(os.path.join(output_dir, "summary.csv"), "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["kind", "name", "metric", "n", "mean", "std", "ci_low", "ci_high"])
+        for row in summary["arms"]:
+            writer.writerow(["arm", row["arm"], row["metric"], row["n"], row["mean"], row["std"], "", ""])
+        for row in summary["pairs"]:
+            writer.writerow(
+                [
+                    "difference",
+                    row["pair"],
+                    row["metric"],
+                    row["n"],
+                    row["mean"],
+                    row["std"],
+                    row["ci_low"],
+                    row["ci_high"],
+                ]
+            )
+    results = {
+        "grid": grid,
+        "runs": [{k: v for k, v in run.items() if k != "test"} | {m: r(run) for m, _, r in METRICS} for run in runs],
+        **summary,
+    }
+    write_json(results, os.path.join(output_dir, "results.json"))
+    plot(summary, os.path.join(output_dir, "comparison.png"))
+
+
+def plot(summary, path):
+    """One panel per metric: each seed's value per arm (seeds joined across arms), the mean and ± std."""
+    headers = {key: header for key, header, _ in METRICS}
+    keys = summary["metrics"]
+    figure, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.6), squeeze=False)
+    for axis, key in zip(axes[0], keys):
+        rows = [row for row in summary["arms"] if row["metric"] == key]
+        seeds = sorted({seed for row in rows for seed in row["per_seed"]})
+        for seed in seeds:
+            points = [(x, row["per_seed"][seed]) for x, row in enumerate(rows) if seed in row["per_seed"]]
+            axis.plot(*zip(*points), "o-", color="0.6", alpha=0.6, markersize=4, linewidth=0.8)
+        axis.errorbar(
+            range(len(rows)),
+            [row["mean"] for row in rows],
+            yerr=[0 if math.isnan(row["std"]) else row["std"] for row in rows],
+            fmt="D",
+            color="C3",
+            capsize=6,
+            markersize=7,
+            label="mean ± std",
+        )
+        axis.set_xticks(range(len(rows)), [row["arm"] for row in rows])
+        axis.set_xlim(-0.5, len(rows) - 0.5)
+        axis.set_title(headers[key], fontsize=9)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle("grey: one seed across arms", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(argv)
+    logs.setup(distributed.Context(0, 1))
+    output_dir = args.output_dir
+    grid_path = os.path.join(output_dir, GRID_FILE)
+    if args.table_only and args.arm is None and args.config is None:
+        if not os.path.exists(grid_path):
+            raise UserError(
+                f"'{output_dir}' holds no {GRID_FILE}: it is not a compare.py grid folder. Pass the "
+                f"--output-dir of an earlier compare.py run, or give --config and --arm as for that run."
+            )
+        grid = read_json(grid_path)
+        if args.seeds is not None:
+            grid["seeds"] = args.seeds
+    else:
+        grid = define_grid(args)
+    if not args.table_only:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            write_json(grid, grid_path)
+        except OSError as error:
+            raise UserError(
+                f"Cannot write to --output-dir '{output_dir}' ({error.strerror or error}). Choose a writable folder."
+            ) from None
+        run_grid(grid, output_dir)
+    runs, missing = collect_runs(grid, output_dir)
+    if not runs:
+        raise UserError(
+            f"No finished runs in '{output_dir}' (no {TEST_METRICS} in {', '.join(missing[:3])}...). "
+            f"Run the grid first, without --table-only."
+        )
+    for folder in missing:
+        logger.warning("not in the table: %s has no %s (not trained or not evaluated yet)", folder, TEST_METRICS)
+    summary = summarise(grid, runs)
+    table = format_table(summary)
+    write_outputs(output_dir, grid, runs, summary, table)
+    logger.info("%s\nWritten to %s: table.txt, runs.csv, summary.csv, results.json, comparison.png", table, output_dir)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
