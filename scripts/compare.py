@@ -249,6 +249,14 @@ def train_run(grid, arm, seed, folder, processes):
     return code, log
 
 
+def evaluated(folder, consistency):
+    """The run's test metrics exist and were measured with this grid's --consistency (else evaluate again)."""
+    path = os.path.join(folder, TEST_METRICS)
+    if not os.path.exists(path):
+        return False
+    return read_json(path).get("consistency", {}).get("samples", 0) == consistency
+
+
 def evaluate_run(grid, folder, processes):
     args = [
         "--checkpoint",
@@ -284,7 +292,7 @@ def run_grid(grid, output_dir):
         folder = run_dir(output_dir, arm, seed)
         label = f"run {index}/{len(runs)}: arm '{arm['name']}' seed {seed} in {folder}"
         needs_training = not trained(folder, steps[arm["name"], seed])
-        if not needs_training and os.path.exists(os.path.join(folder, TEST_METRICS)):
+        if not needs_training and evaluated(folder, grid["consistency"]):
             logger.info("%s: done already", label)
             continue
         remaining = len(runs) - index + 1  # this run and the ones after it (any already done make it shorter)
@@ -464,8 +472,12 @@ def plot(summary, path):
     """One panel per metric: each seed's value per arm (seeds joined across arms), the mean and ± std."""
     headers = {key: header for key, header, _ in METRICS}
     keys = summary["metrics"]
-    figure, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.6), squeeze=False)
-    for axis, key in zip(axes[0], keys):
+    columns = min(len(keys), 3)
+    rows_of_panels = math.ceil(len(keys) / columns)
+    figure, axes = plt.subplots(rows_of_panels, columns, figsize=(3.6 * columns, 3.2 * rows_of_panels), squeeze=False)
+    for axis in axes.flat[len(keys) :]:
+        axis.set_visible(False)
+    for axis, key in zip(axes.flat, keys):
         rows = [row for row in summary["arms"] if row["metric"] == key]
         seeds = sorted({seed for row in rows for seed in row["per_seed"]})
         for seed in seeds:

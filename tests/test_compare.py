@@ -1,0 +1,207 @@
+"""scripts/compare.py: a tiny grid end to end, resuming it, rebuilding its table, its statistics, its errors."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from run_helpers import ROOT, assert_same_weights, final_weights, load_script, tiny_config
+from scipy import stats
+
+compare = load_script("compare")
+
+ARMS = ["--arm", "baseline", "rdrop.alpha=0", "--arm", "rdrop"]
+SHORT = ["-o", "schedule.total_steps=4", "-o", "train.eval_every=2", "-o", "train.save_every=2"]
+TABLE_FILES = ("table.txt", "runs.csv", "summary.csv", "results.json")
+
+
+def run_compare(*args, timeout=900):
+    """compare.py as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "scripts/compare.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_rows(path):
+    with open(path, newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
+
+
+def attempts(folder):
+    with open(os.path.join(folder, compare.TIMING_FILE), encoding="utf-8") as stream:
+        return len(json.load(stream)["attempts"])
+
+
+def grid_snapshot(output_dir):
+    return {name: (output_dir / name).read_text() for name in TABLE_FILES}
+
+
+@pytest.mark.slow
+def test_grid_trains_evaluates_resumes_and_rebuilds_the_same_table(tmp_path, archive):
+    config_path = tiny_config(tmp_path, archive)
+    grid = tmp_path / "grid"
+    command = ["--config", config_path, *ARMS, "--seeds", "3", "5", "--consistency", "2", "--output-dir", str(grid)]
+    first = run_compare(*command, *SHORT)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "run 4/4: arm 'rdrop' seed 5" in first.stdout
+
+    for arm, alpha in (("baseline", 0.0), ("rdrop", 0.3)):
+        for seed in (3, 5):
+            folder = grid / arm / f"seed_{seed}"
+            run_config = yaml.safe_load((folder / "config.yaml").read_text())
+            assert (run_config["train"]["seed"], run_config["rdrop"]["alpha"]) == (seed, alpha)
+            assert final_weights(folder)[0] == 4
+    # Every seed's value in the table is the test top-1 eval.py measured for that run.
+    rows = read_rows(grid / "runs.csv")
+    assert [(row["arm"], row["seed"]) for row in rows] == [
+        ("baseline", "3"),
+        ("rdrop", "3"),
+        ("baseline", "5"),
+        ("rdrop", "5"),
+    ]
+    measured = {}
+    for row in rows:
+        metrics = json.loads((grid / row["arm"] / f"seed_{row['seed']}" / "test_metrics.json").read_text())
+        assert metrics["num_samples"] == 21 and metrics["consistency"]["samples"] == 2
+        assert float(row["top1"]) == pytest.approx(metrics["top1"])
+        measured[row["arm"], int(row["seed"])] = metrics["top1"]
+    summary = {(row["kind"], row["name"], row["metric"]): row for row in read_rows(grid / "summary.csv")}
+    difference = summary["difference", "rdrop - baseline", "top1"]
+    expected = [measured["rdrop", seed] - measured["baseline", seed] for seed in (3, 5)]
+    assert float(difference["mean"]) == pytest.approx(np.mean(expected))
+    assert int(difference["n"]) == 2
+    assert (grid / "comparison.png").read_bytes().startswith(b"\x89PNG")
+
+    # Rebuilt from the run folders alone, every file equals the one the grid wrote.
+    first_table = grid_snapshot(grid)
+    for name in TABLE_FILES:
+        os.remove(grid / name)
+    rebuilt = run_compare("--output-dir", str(grid), "--table-only")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert grid_snapshot(grid) == first_table
+
+    # Interrupted after step 2 of its last run: that run resumes from step 2 and ends with the weights
+    # it had without the interruption; the other runs are not repeated.
+    last = grid / "rdrop" / "seed_5"
+    _, uninterrupted = final_weights(last)
+    for leftover in ("test_metrics.json", "checkpoints/step_4/trainer_state.json"):
+        os.remove(last / leftover)
+    resumed = run_compare(*command, *SHORT)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [attempts(grid / arm / f"seed_{seed}") for seed in (3, 5) for arm in ("baseline", "rdrop")] == [1, 1, 1, 2]
+    step, weights = final_weights(last)
+    assert step == 4
+    assert_same_weights(weights, uninterrupted)
+
+
+@pytest.mark.slow
+def test_runs_go_through_the_launcher(tmp_path, archive):
+    config_path = tiny_config(tmp_path, archive)
+    grid = tmp_path / "grid"
+    result = run_compare(
+        "--config", config_path, "--arm", "rdrop", "--seeds", "1", "--nproc_per_node", "2", "--output-dir", str(grid),
+        "-o", "schedule.total_steps=2", "-o", "train.eval_every=2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = grid / "rdrop" / "seed_1"
+    assert os.path.isfile(folder / "launch" / "workerlog.1")  # two training processes
+    assert os.path.isfile(folder / "launch_eval" / "workerlog.1")
+    assert json.loads((folder / "test_metrics.json").read_text())["num_samples"] == 21
+
+
+def test_a_failed_run_stops_the_grid_naming_its_folder_and_log(tmp_path, archive):
+    config_path = tiny_config(tmp_path, archive)
+    grid = tmp_path / "grid"
+    result = run_compare(
+        "--config", config_path, "--arm", "broken", f"data.data_file={tmp_path / 'missing.tar.gz'}",
+        "--arm", "rdrop", "--seeds", "0", "--output-dir", str(grid),
+    )  # fmt: skip
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    folder = str(grid / "broken" / "seed_0")
+    assert message.startswith("error: The training of arm 'broken' seed 0 failed")
+    assert folder in message and os.path.join(folder, "train.log") in message
+    assert not (grid / "rdrop").exists()
+
+
+def fake_run(grid, arm, seed, top1, loss, train_seconds):
+    folder = grid / arm / f"seed_{seed}"
+    folder.mkdir(parents=True)
+    metrics = {"top1": top1, "top5": 100.0, "loss": loss, "num_samples": 300}
+    (folder / compare.TEST_METRICS).write_text(json.dumps(metrics))
+    timing = {"attempts": [{"seconds": s, "exit_code": 0, "load_average_end": [1, 1, 1]} for s in train_seconds]}
+    (folder / compare.TIMING_FILE).write_text(json.dumps(timing))
+
+
+def test_statistics_match_hand_computed_values(tmp_path, capsys):
+    """Three arms; the paired-t interval checked against a printed t table and against scipy's ttest_rel."""
+    grid = tmp_path / "grid"
+    baseline = {0: 90.0, 1: 91.0, 2: 92.0, 3: 93.0, 4: 94.0}
+    rdrop = {0: 91.0, 1: 93.0, 2: 95.0, 3: 97.0, 4: 99.0}  # differences 1, 2, 3, 4, 5
+    wide = {0: 80.0, 2: 90.0}  # two seeds only
+    for seed in baseline:
+        fake_run(grid, "baseline", seed, baseline[seed], 0.5, [60.0])
+        fake_run(grid, "rdrop", seed, rdrop[seed], 0.4, [30.0, 60.0])
+    for seed, top1 in wide.items():
+        fake_run(grid, "wide", seed, top1, 0.3, [120.0])
+    definition = {"arms": [{"name": n} for n in ("baseline", "rdrop", "wide")], "seeds": [0, 1, 2, 3, 4]}
+    (grid / compare.GRID_FILE).write_text(json.dumps(definition))
+
+    summary = compare.main(["--output-dir", str(grid), "--table-only"])
+    arms = {(row["arm"], row["metric"]): row for row in summary["arms"]}
+    pairs = {(row["pair"], row["metric"]): row for row in summary["pairs"]}
+    assert arms["baseline", "top1"]["mean"] == pytest.approx(92.0)
+    assert arms["baseline", "top1"]["std"] == pytest.approx(math.sqrt(2.5))  # squares 4+1+0+1+4 over n-1 = 4
+    assert arms["rdrop", "train_minutes"]["mean"] == pytest.approx(1.5)  # two attempts of 30 s and 60 s
+    assert arms["wide", "top1"]["n"] == 2 and arms["wide", "top1"]["per_seed"] == wide
+
+    difference = pairs["rdrop - baseline", "top1"]
+    half_width = 2.7764 * math.sqrt(2.5) / math.sqrt(5)  # t(0.975, 4) = 2.7764 from a printed t table
+    assert difference["n"] == 5 and difference["mean"] == pytest.approx(3.0)
+    assert (difference["ci_low"], difference["ci_high"]) == pytest.approx((3 - half_width, 3 + half_width), abs=1e-4)
+
+    seeds = sorted(wide)  # the pair covers only the seeds both arms finished
+    interval = stats.ttest_rel([wide[s] for s in seeds], [baseline[s] for s in seeds]).confidence_interval(0.95)
+    row = pairs["wide - baseline", "top1"]
+    assert row["n"] == 2 and (row["ci_low"], row["ci_high"]) == pytest.approx((interval.low, interval.high))
+    assert "consistency_kl" not in summary["metrics"]  # not measured: no column, no panel
+
+    printed = capsys.readouterr().out
+    assert "rdrop - baseline" in printed and "[1.04, 4.96]  (n=5)" in printed
+    assert {row["name"] for row in read_rows(grid / "summary.csv") if row["kind"] == "difference"} == {
+        "rdrop - baseline",
+        "wide - baseline",
+        "wide - rdrop",
+    }
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--arm", "same", "--arm", "same"], ["same", "twice"]),
+        (["--arm", "bad/name"], ["bad/name", "folder name"]),
+        (["--seeds", "1", "1"], ["distinct seeds"]),
+        (["--arm", "x", "rdrop.alpa=1"], ["rdrop.alpa"]),
+    ],
+)
+def test_user_errors_end_in_one_paragraph_before_training(tmp_path, archive, capsys, args, words):
+    config_path = tiny_config(tmp_path, archive)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--config", config_path, "--output-dir", str(tmp_path / "grid"), *args])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert error.startswith("error: ") and "\n" not in error and "Traceback" not in error
+    assert all(word in error for word in words)
+    assert not any(path.is_dir() for path in (tmp_path / "grid").glob("*"))  # nothing trained
+
+
+def test_table_only_on_a_folder_without_a_grid(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--output-dir", str(tmp_path), "--table-only"])
+    assert exit_info.value.code == 2
+    assert "not a compare.py grid folder" in capsys.readouterr().err
