@@ -278,7 +278,7 @@ def stop_if_failed(code, what, arm, seed, folder, log, processes):
     if code != 0:
         raise UserError(
             f"The {what} of arm '{arm['name']}' seed {seed} failed with exit code {code}; the grid stops. "
-            f"Its output folder is {folder} and its log {log} (the console above shows the error). Fix "
+            f"Its output folder is {folder} and its log {log} (the console shows the error too). Fix "
             f"the cause and rerun the same command: finished runs are kept and this one resumes."
         )
 
@@ -308,7 +308,8 @@ def run_grid(grid, output_dir):
                     f"({steps[arm['name'], seed]}) without an error; see {log}. Rerun the same command to resume it."
                 )
         code = evaluate_run(grid, folder, processes)
-        stop_if_failed(code, "evaluation", arm, seed, folder, os.path.join(folder, "launch_eval"), processes)
+        eval_log = os.path.join(folder, "launch_eval", "workerlog.0") if grid["launcher"] else "on the console above"
+        stop_if_failed(code, "evaluation", arm, seed, folder, eval_log, processes)
         durations.append(time.perf_counter() - start)
 
 
