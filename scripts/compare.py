@@ -529,7 +529,10 @@ def main(argv=None):
             raise UserError(
                 f"Cannot write to --output-dir '{output_dir}' ({error.strerror or error}). Choose a writable folder."
             ) from None
-        run_grid(grid, output_dir)
+        try:
+            run_grid(grid, output_dir)
+        except KeyboardInterrupt:
+            raise UserError("Grid stopped by Ctrl-C between runs. Rerun the same command to continue.") from None
     runs, missing = collect_runs(grid, output_dir)
     if not runs:
         raise UserError(

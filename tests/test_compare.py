@@ -200,6 +200,14 @@ def test_user_errors_end_in_one_paragraph_before_training(tmp_path, archive, cap
     assert not any(path.is_dir() for path in (tmp_path / "grid").glob("*"))  # nothing trained
 
 
+def test_a_run_measured_with_another_consistency_is_evaluated_again(tmp_path):
+    assert not compare.evaluated(tmp_path, 8)
+    (tmp_path / compare.TEST_METRICS).write_text(json.dumps({"top1": 50.0}))
+    assert compare.evaluated(tmp_path, 0) and not compare.evaluated(tmp_path, 8)
+    (tmp_path / compare.TEST_METRICS).write_text(json.dumps({"top1": 50.0, "consistency": {"samples": 8}}))
+    assert compare.evaluated(tmp_path, 8) and not compare.evaluated(tmp_path, 4)
+
+
 def test_table_only_on_a_folder_without_a_grid(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         compare.main(["--output-dir", str(tmp_path), "--table-only"])
