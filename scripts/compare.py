@@ -46,7 +46,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 
-from rdrop import checkpoint, config, distributed, logs
+from rdrop import checkpoint, config, logs
 from rdrop.errors import UserError, exit_on_user_error
 
 import matplotlib.pyplot as plt
@@ -507,7 +507,7 @@ def plot(summary, path):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    logs.setup(distributed.Context(0, 1))
+    logs.setup_single_process()
     output_dir = args.output_dir
     grid_path = os.path.join(output_dir, GRID_FILE)
     if args.table_only and args.arm is None and args.config is None:
