@@ -78,7 +78,7 @@ ARM_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config every arm trains unless the arm names its own")
+    config.add_arguments(parser, "YAML config every arm trains unless the arm names its own; -o applies to every arm")
     parser.add_argument(
         "--arm",
         nargs="+",
@@ -92,14 +92,6 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", required=True, help="folder of the grid: one run folder per arm and seed")
     parser.add_argument(
         "--consistency", type=int, default=0, metavar="K", help="also measure dropout consistency with K samples"
-    )
-    parser.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key in every arm; repeatable",
     )
     launcher = parser.add_mutually_exclusive_group()
     launcher.add_argument("--nproc_per_node", type=int, help="run each train.py/eval.py on this many processes")
@@ -297,7 +289,8 @@ def run_grid(grid, output_dir):
             continue
         remaining = len(runs) - index + 1  # this run and the ones after it (any already done make it shorter)
         eta = f"; grid ETA {logs.format_duration(remaining * np.mean(durations))}" if durations else ""
-        logger.info("%s%s%s", label, " (resuming)" if checkpoint.list_checkpoints(folder) else "", eta)
+        state = " (resuming)" if needs_training and checkpoint.list_checkpoints(folder) else ""
+        logger.info("%s%s%s", label, state if needs_training else " (trained; evaluating)", eta)
         start = time.perf_counter()
         if needs_training:
             code, log = train_run(grid, arm, seed, folder, processes)

@@ -24,8 +24,9 @@ import train
         (load_script("benchmark").parse_args, []),
         (load_script("export").parse_args, ["--checkpoint", "w.pdparams", "--output", "out"]),
         (load_script("gpu_check").parse_args, []),
+        (load_script("compare").parse_args, ["--output-dir", "out"]),
     ],
-    ids=["train", "eval", "benchmark", "export", "gpu_check"],
+    ids=["train", "eval", "benchmark", "export", "gpu_check", "compare"],
 )
 def test_dash_c_is_accepted_as_config(parse_args, required):
     assert parse_args(["-c", "configs/quickstart.yaml"] + required).config == "configs/quickstart.yaml"
