@@ -46,7 +46,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 
-from rdrop import checkpoint, config, logs
+from rdrop import atomic, checkpoint, config, logs
 from rdrop.errors import UserError, exit_on_user_error
 
 import matplotlib.pyplot as plt
@@ -213,10 +213,8 @@ def read_json(path):
 
 
 def write_json(data, path):
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as stream:
+    with atomic.replacing(path) as partial, open(partial, "w", encoding="utf-8") as stream:
         json.dump(data, stream, indent=2)
-    os.replace(temporary, path)
 
 
 def train_run(grid, arm, seed, folder, processes):
