@@ -1,11 +1,14 @@
-"""CIFAR-100 from the official `cifar-100-python.tar.gz`, read with Paddle's own reader.
+"""CIFAR-100 from the official `cifar-100-python.tar.gz`, read without running code from the file.
 
-`paddle.vision.datasets.Cifar100` does the reading (measured: no faster hand-written reader, both
-are bound by gunzip); this module locates or downloads the archive, turns every way Paddle's reader
-can fail on a bad file into a `UserError` naming the file, and reads the class names from `meta`,
-which Paddle ignores.
+The archive's members are Python pickles, and a pickle can call any importable function while it is
+read, so a crafted archive would run code (Paddle's `Cifar100` class, and a plain `pickle.load`, do
+exactly that). `_RestrictedUnpickler` resolves only the handful of names the official members
+contain (NumPy arrays of numbers, and the bytes helper of Python 3 pickles) and refuses any other
+with a `UserError` before calling it. This module also locates or downloads the archive, turns every
+way a bad file can fail into a `UserError` naming the file, and reads the class names from `meta`.
 """
 
+import codecs
 import functools
 import logging
 import pickle
@@ -16,7 +19,7 @@ from rdrop.errors import UserError
 
 import numpy as np
 import paddle.dataset.common
-from paddle.vision.datasets import Cifar100
+from numpy._core.multiarray import _reconstruct
 from paddle.vision.datasets.cifar import CIFAR100_MD5, CIFAR100_URL
 
 from data.image_set import ImageSet
@@ -90,14 +93,73 @@ def _load_cached(path, mtime_ns, size, split, num_classes):
     return ImageSet(images, labels, read_class_names(path, num_classes), str(path))
 
 
+def _latin1_bytes(text, encoding):
+    """`_codecs.encode` as Python 3 pickles of bytes use it (protocol 2), for latin-1 only."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+def _numeric_dtype(*args):
+    """`numpy.dtype`, except that object arrays (which would unpickle arbitrary items) are refused."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"a NumPy array of Python objects (dtype {dtype})")
+    return dtype
+
+
+# Everything the official members (pickled by Python 2 NumPy) and the same data pickled by Python 3
+# need to construct: arrays of numbers and bytes. Nothing else is importable from the file.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _numeric_dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _RefusedGlobal(Exception):
+    """The pickle asked for a name outside _ALLOWED_GLOBALS."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        allowed = _ALLOWED_GLOBALS.get((module, name))
+        if allowed is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return allowed
+
+
+def _unpickle_member(path, archive, member):
+    """Member `member` of the open tar `archive`, unpickled with only the allowed names; None if absent."""
+    try:
+        handle = archive.extractfile(member)
+    except KeyError:
+        return None
+    try:
+        return _RestrictedUnpickler(handle, encoding="bytes").load()
+    except _RefusedGlobal as refused:
+        raise UserError(
+            f"{path} member {member} asks to run {refused} while it is read, which the CIFAR-100 "
+            f"archive never does: the file was crafted or is not the official "
+            f"{ARCHIVE_NAME}, and it was not read any further. Download the archive again from "
+            f"{HOMEPAGE} (MD5 {CIFAR100_MD5}) or set data.data_file: null and data.download: true."
+        ) from None
+
+
 def _read_split(path, split):
     member = f"{MEMBER_ROOT}/{split}"
     try:
-        reader = Cifar100(data_file=str(path), mode=split, download=False, backend="cv2")
-        # Paddle's reader keeps the raw rows as `data`: (3072-byte channel-major row, label) pairs.
-        rows = [row for row, _ in reader.data]
-        labels = np.asarray([label for _, label in reader.data], dtype=np.int64)
-        images = np.stack(rows).astype(np.uint8).reshape(-1, 3, IMAGE_SIDE, IMAGE_SIDE) if rows else None
+        with tarfile.open(path, mode="r") as archive:
+            batch = _unpickle_member(path, archive, member)
+        if batch is None:
+            images = labels = None
+        else:
+            labels = np.asarray(batch[b"fine_labels"], dtype=np.int64)
+            images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIDE, IMAGE_SIDE)
+    except UserError:
+        raise
     except Exception as error:
         # Unpickling arbitrary bytes can raise nearly any exception type; everything inside this
         # block is reading the user's file, so any failure here is a problem with that file.
@@ -113,6 +175,11 @@ def _read_split(path, split):
             f"{ARCHIVE_NAME} (which holds {MEMBER_ROOT}/train, {MEMBER_ROOT}/test and "
             f"{MEMBER_ROOT}/meta). Download it from {HOMEPAGE} or fix data.data_file."
         )
+    if len(images) != len(labels):
+        raise UserError(
+            f"{path} member {member} holds {len(images)} images but {len(labels)} labels: the "
+            f"file is corrupt. Download it again (MD5 {CIFAR100_MD5}) from {HOMEPAGE}."
+        )
     return images, labels
 
 
@@ -121,8 +188,10 @@ def read_class_names(path, num_classes):
     member = f"{MEMBER_ROOT}/meta"
     try:
         with tarfile.open(path, mode="r") as archive:
-            meta = pickle.load(archive.extractfile(member), encoding="bytes")
+            meta = _unpickle_member(path, archive, member)
         names = tuple(name.decode() for name in meta[b"fine_label_names"])
+    except UserError:
+        raise  # a meta that tries to run code condemns the whole file, not just the names
     except Exception as error:  # a missing meta only costs readable names in reports
         logger.warning("%s: no usable %s (%s); naming classes class_<i>", path, member, _describe(error))
         return tuple(f"class_{i}" for i in range(num_classes))

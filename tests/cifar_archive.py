@@ -6,10 +6,16 @@ a 32x32 image), `b'fine_labels'`, `b'coarse_labels'`, `b'filenames'` and `b'batc
 holds `b'fine_label_names'` and `b'coarse_label_names'`. The content is a pure function of
 (num_train, num_test, seed, num_classes), so tests can compare what the data package returns with
 `cifar100_arrays(...)`. Keyword knobs produce the broken archives the error-path tests need.
+
+The official members were pickled by Python 2: byte strings as `str` (BINSTRING opcodes) and NumPy
+arrays through `numpy.core.multiarray._reconstruct`. `python2_pickles=True` writes exactly that form;
+the default is what Python 3 writes at protocol 2 (bytes through `_codecs.encode`, NumPy 2's
+`numpy._core.multiarray`).
 """
 
 import io
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -38,7 +44,34 @@ def cifar100_arrays(num_train, num_test, seed=0, num_classes=100):
     return arrays
 
 
-def _pickled_batch(split, images, labels):
+class _Python2Pickler(pickle._Pickler):
+    """Protocol 2 as Python 2 wrote it: bytes and text (NumPy's dtype codes) become `str` opcodes,
+    which Python 3 reads back as bytes with encoding='bytes'."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_python2_str(self, obj):
+        if isinstance(obj, str):
+            obj = obj.encode("latin1")
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+    dispatch[str] = save_python2_str
+
+
+def _dumps(value, python2):
+    if not python2:
+        return pickle.dumps(value, protocol=2)
+    stream = io.BytesIO()
+    _Python2Pickler(stream, protocol=2).dump(value)
+    return stream.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+
+
+def _pickled_batch(split, images, labels, python2):
     count = len(labels)
     batch = {
         b"batch_label": f"{split} batch".encode(),
@@ -47,15 +80,15 @@ def _pickled_batch(split, images, labels):
         b"filenames": [f"{split}_{i:05d}.png".encode() for i in range(count)],
         b"data": images.reshape(count, 3 * 32 * 32),
     }
-    return pickle.dumps(batch, protocol=2)
+    return _dumps(batch, python2)
 
 
-def _pickled_meta(num_classes):
+def _pickled_meta(num_classes, python2):
     meta = {
         b"fine_label_names": [name.encode() for name in fine_label_names(num_classes)],
         b"coarse_label_names": [f"coarse_{i:02d}".encode() for i in range((num_classes + 4) // 5)],
     }
-    return pickle.dumps(meta, protocol=2)
+    return _dumps(meta, python2)
 
 
 def write_cifar100_archive(
@@ -69,6 +102,8 @@ def write_cifar100_archive(
     label_overrides=None,
     truncate_to_bytes=None,
     compresslevel=1,
+    python2_pickles=False,
+    member_payloads=None,
 ):
     """Write the archive to `path` and return it as a Path.
 
@@ -76,6 +111,8 @@ def write_cifar100_archive(
     label_overrides: {split: {index: label}} written instead of the generated labels (e.g. an
         out-of-range label); `cifar100_arrays` still reports the generated ones.
     truncate_to_bytes: cut the finished file to this many bytes (a truncated download).
+    python2_pickles: pickle the members as Python 2 did (the official file's form).
+    member_payloads: {basename: bytes} written instead of the generated member (a crafted pickle).
     """
     path = Path(path)
     arrays = cifar100_arrays(num_train, num_test, seed, num_classes)
@@ -85,8 +122,9 @@ def write_cifar100_archive(
         labels = labels.copy()
         for index, label in (label_overrides or {}).get(split, {}).items():
             labels[index] = label
-        members[split] = _pickled_batch(split, images, labels)
-    members["meta"] = _pickled_meta(num_classes)
+        members[split] = _pickled_batch(split, images, labels, python2_pickles)
+    members["meta"] = _pickled_meta(num_classes, python2_pickles)
+    members.update(member_payloads or {})
 
     with tarfile.open(path, "w:gz", compresslevel=compresslevel) as archive:
         directory = tarfile.TarInfo(ROOT)

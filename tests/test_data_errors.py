@@ -1,15 +1,19 @@
 """Every way a user can hand the data package bad input ends in one UserError naming the culprit."""
 
 import os
+import pickle
 
 from rdrop.errors import UserError
 
+import numpy as np
 import paddle.dataset.common
 import pytest
-from cifar_archive import write_cifar100_archive
+from cifar_archive import fine_label_names, write_cifar100_archive
 from data_helpers import make_cfg
+from paddle.vision.datasets import Cifar100
 
 import data
+from data import cifar100
 
 
 def build_everything(cfg):
@@ -126,3 +130,41 @@ def test_malformed_resume_state(tmp_path, state):
     stream = data.TrainStream(make_cfg(small_archive(tmp_path / "a.tar.gz")), 0, 1)
     with pytest.raises(UserError, match="malformed"):
         stream.set_state_dict(state)
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: the shape of a crafted archive member."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("member", ["train", "test", "meta"])
+def test_a_member_that_would_run_code_is_refused_unrun(tmp_path, member):
+    marker = tmp_path / "code_ran"
+    crafted = pickle.dumps({b"data": _RunsCode(marker)}, protocol=2)
+    path = small_archive(tmp_path / "a.tar.gz", member_payloads={member: crafted})
+    assert_user_error(make_cfg(path), path, f"cifar-100-python/{member}", "system")
+    assert not marker.exists()
+
+
+def test_an_object_array_is_refused(tmp_path):
+    crafted = pickle.dumps({b"fine_labels": [0], b"data": np.array([b"x" * 3072], dtype=object)}, protocol=2)
+    path = small_archive(tmp_path / "a.tar.gz", member_payloads={"train": crafted})
+    assert_user_error(make_cfg(path), path, "dtype object")
+
+
+@pytest.mark.parametrize("python2_pickles", [True, False])
+def test_the_restricted_reader_returns_what_paddles_reader_does(tmp_path, python2_pickles):
+    path = small_archive(tmp_path / "a.tar.gz", python2_pickles=python2_pickles)
+    for split in ("train", "test"):
+        ours = cifar100.load_cifar100(path, split, 10)
+        paddles = Cifar100(data_file=str(path), mode=split, download=False, backend="cv2")
+        expected = np.stack([row for row, _ in paddles.data]).reshape(-1, 3, 32, 32)
+        np.testing.assert_array_equal(ours.images, expected)
+        np.testing.assert_array_equal(ours.labels, [label for _, label in paddles.data])
+        assert ours.images.dtype == np.uint8 and ours.labels.dtype == np.int64
+    assert ours.class_names == tuple(fine_label_names(10))
