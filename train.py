@@ -15,11 +15,12 @@ import itertools
 import logging
 import math
 import os
+import sys
 import time
 
 from rdrop import checkpoint, config, distributed, evaluation, logs, runtime
 from rdrop.errors import UserError, exit_on_user_error
-from rdrop.preemption import StopRequest
+from rdrop.preemption import STOPPED_EXIT_CODE, StopRequest, exit_when_stopped
 from rdrop.step import LOSS_NAMES, accumulation_steps, build_trainer
 
 import numpy as np
@@ -55,7 +56,9 @@ def hyperparameters(cfg):
 
 
 @exit_on_user_error
+@exit_when_stopped
 def main(argv=None):
+    stop = StopRequest().install()  # before anything slow: a signal at any moment ends the run cleanly
     args = parse_args(argv)
     cfg = config.load(args.config, args.override)
     train_cfg = cfg["train"]
@@ -67,6 +70,7 @@ def main(argv=None):
     context = distributed.init()
     output_dir = train_cfg["output_dir"]
     resume_from = checkpoint.resolve_resume(train_cfg, context)
+    changes = config.changes_on_resume(checkpoint.saved_config(resume_from), cfg, resume_from) if resume_from else []
     if context.is_main:
         checkpoint.claim_output_dir(train_cfg, resume_from)
         config.save(cfg, os.path.join(output_dir, checkpoint.RUN_CONFIG))
@@ -79,6 +83,8 @@ def main(argv=None):
         train_cfg["global_batch_size"],
         f"; {cpu_threads} CPU threads per process" if cpu_threads else "",
     )
+    if changes:
+        logger.info("Resuming with changes to the checkpoint's config: %s", "; ".join(changes))
 
     # Model, optimizer, loss scaler and the step that runs them (rdrop/step.py). A resumed run's
     # checkpoint goes into them through `restore`, which build_trainer calls before the distributed wrap.
@@ -117,8 +123,7 @@ def main(argv=None):
         logger.info("Resumed from %s at step %d", resume_from, step)
     metric_tags = [f"{selection_split}/{name}" for name in logs.EVAL_SCALARS]
     writer = logs.MetricsWriter(context, output_dir, step, hyperparameters(cfg), metric_tags)
-    stop = StopRequest().install()
-    watchdog = distributed.RankWatchdog(context)
+    watchdog = distributed.RankWatchdog(context, os.path.join(output_dir, logs.LOG_FILE))
 
     def save_checkpoint():
         if context.is_main:
@@ -127,7 +132,7 @@ def main(argv=None):
                 step,
                 trainer.model.state_dict(),
                 checkpoint.portable_optimizer_state(trainer.optimizer, trainer.model),
-                {"data": stream.state_dict(), "best": best, "loss_scaler": trainer.scaler.state_dict()},
+                {"data": stream.state_dict(), "best": best, "loss_scaler": trainer.scaler.state_dict(), "config": cfg},
                 keep=train_cfg["keep_checkpoints"],
             )
 
@@ -163,14 +168,16 @@ def main(argv=None):
     window = {name: paddle.zeros([], dtype="float32") for name in LOSS_NAMES}
     window_start, window_steps = time.perf_counter(), 0
     stop_requested = False
+    stop.defer()
     trainer.ddp_model.train()
     while step < total_steps:
         paddle.seed(dropout_seed(train_cfg["seed"], context.rank, step))
         outcome = trainer.train_step(itertools.islice(stream, accumulation), stop.requested)
-        nonfinite, stop_requested = outcome["nonfinite"], outcome["stop"]
+        nonfinite = outcome["nonfinite"]
         for name in window:
             window[name] += outcome["losses"][name]
         step += 1
+        stop_requested = outcome["stop"] and step < total_steps  # a stop during the last step changes nothing
         window_steps += 1
         if nonfinite:
             bad_steps += 1
@@ -201,9 +208,12 @@ def main(argv=None):
             save_checkpoint()
         if stop_requested:
             logger.info(
-                "Stopped by %s at step %d; checkpoint saved. Resume with -o train.resume=auto.",
+                "Stopped by %s at step %d of %d; checkpoint saved. Resume with -o train.resume=auto "
+                "(exit code %d: stopped before the end, resumable).",
                 stop.signal_name or "a signal on another rank",
                 step,
+                total_steps,
+                STOPPED_EXIT_CODE,
             )
             break
 
@@ -229,7 +239,7 @@ def main(argv=None):
     distributed.barrier(context)
     writer.close()
     if stop_requested:
-        return
+        sys.exit(STOPPED_EXIT_CODE)
     if best is not None:
         logger.info(
             "Done: best %s top1 %.2f at step %d, weights in %s",

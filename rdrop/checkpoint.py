@@ -144,19 +144,29 @@ def _read_json(path):
         return json.load(stream, object_hook=_restore_arrays)
 
 
-def load(path):
-    """Read a checkpoint folder: (optimizer_state, trainer_state), after checking that its model
-    weights are there too (`load_weights` reads them)."""
+def _require_folder(path):
     if not os.path.isdir(path):
         raise UserError(
             f"Checkpoint '{path}' is not a folder. Point train.resume at a checkpoints/step_<N> "
             f"folder of a previous run, or use train.resume=auto."
         )
+
+
+def load(path):
+    """Read a checkpoint folder: (optimizer_state, trainer_state), after checking that its model
+    weights are there too (`load_weights` reads them)."""
+    _require_folder(path)
     _require_file(os.path.join(path, MODEL_FILE))
     return (
         _load_file(os.path.join(path, OPTIMIZER_FILE), paddle.load),
         _load_file(os.path.join(path, STATE_FILE), _read_json),
     )
+
+
+def saved_config(path):
+    """The config stored in checkpoint folder `path` (None if it stored none, as older checkpoints)."""
+    _require_folder(path)
+    return _load_file(os.path.join(path, STATE_FILE), _read_json).get("config")
 
 
 def _rename_keys(state, renames):

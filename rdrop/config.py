@@ -15,6 +15,7 @@ import difflib
 import math
 import os
 import re
+import reprlib
 
 from rdrop.errors import UserError
 
@@ -23,6 +24,12 @@ import yaml
 from models.presets import MODEL_NAMES
 
 BASE_KEY = "_base_"
+# Far above any real config (the largest here has about 60 values), far below what makes validation
+# slow: YAML aliases can make a few lines expand to billions of values ("billion laughs").
+MAX_CONFIG_VALUES = 10_000
+# Integers are bounded so that every value fits where the run writes it (Paddle and NumPy seeds,
+# int32 counters, VisualDL's hyper-parameter table at the end of the run).
+MAX_INTEGER = 2**31 - 1
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -39,11 +46,13 @@ def _safe_load(stream):
 
 
 class Allowed:
-    """A value constraint: `accepts(value)` decides, `description` tells the user what is allowed."""
+    """A value constraint: `accepts(value)` decides, `description` tells the user what is allowed,
+    `normalize(value)` turns an accepted value into the one the run uses."""
 
-    def __init__(self, description, accepts):
+    def __init__(self, description, accepts, normalize=lambda value: value):
         self.description = description
         self.accepts = accepts
+        self.normalize = normalize
 
 
 def _is_int(value):
@@ -54,8 +63,9 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def integer(minimum, nullable=False):
-    allowed = Allowed(f"an integer >= {minimum}", lambda v: _is_int(v) and v >= minimum)
+def integer(minimum, nullable=False, maximum=MAX_INTEGER):
+    shown_maximum = "2^31-1" if maximum == MAX_INTEGER else maximum
+    allowed = Allowed(f"an integer in [{minimum}, {shown_maximum}]", lambda v: _is_int(v) and minimum <= v <= maximum)
     return or_null(allowed) if nullable else allowed
 
 
@@ -86,8 +96,26 @@ def text():
     return Allowed("a string", lambda v: isinstance(v, str) and v != "")
 
 
+def path():
+    """A file or folder path; a leading `~` is the user's home folder, as in a shell."""
+    return Allowed("a path", lambda v: isinstance(v, str) and v != "", os.path.expanduser)
+
+
 def or_null(allowed):
-    return Allowed(allowed.description + " or null", lambda v: v is None or allowed.accepts(v))
+    return Allowed(
+        allowed.description + " or null",
+        lambda v: v is None or allowed.accepts(v),
+        lambda v: None if v is None else allowed.normalize(v),
+    )
+
+
+def config_keys():
+    def accepts(value):
+        return isinstance(value, list) and all(
+            isinstance(v, str) and v.partition(".")[2] in SCHEMA.get(v.partition(".")[0], {}) for v in value
+        )
+
+    return Allowed("a list of section.key names", accepts)
 
 
 def scale_range():
@@ -103,10 +131,14 @@ def scale_range():
 
 
 class Key:
-    def __init__(self, default, allowed, doc):
+    """One config key. `free_on_resume`: changing it never changes what is trained (logging, saving,
+    paths, speed), so a resumed run may change it without `train.resume_changes`."""
+
+    def __init__(self, default, allowed, doc, free_on_resume=False):
         self.default = default
         self.allowed = allowed
         self.doc = doc
+        self.free_on_resume = free_on_resume
 
 
 SCHEMA = {
@@ -140,6 +172,7 @@ SCHEMA = {
             or_null(text()),
             "Weights to start from: a Google `.npz`, a `.pdparams`, a checkpoint folder, or "
             "an http(s) URL (downloaded once into Paddle's cache); null trains from scratch.",
+            free_on_resume=True,
         ),
         "patch_size": Key(None, integer(1, nullable=True), "Patch size in pixels (`name: vit` only)."),
         "embed_dim": Key(None, integer(1, nullable=True), "Token width (`name: vit` only)."),
@@ -153,6 +186,7 @@ SCHEMA = {
             "repository's multi-threaded kernels (`models/cpu_kernels.cc`, compiled once on "
             "first use; Paddle's kernels if that fails) and Linear with a faster bias "
             "gradient; false uses Paddle's kernels. No effect on GPUs.",
+            free_on_resume=True,
         ),
     },
     "rdrop": {
@@ -181,12 +215,24 @@ SCHEMA = {
             one_of("cifar100", "digits"),
             "`cifar100`, or `digits`: the UCI digits shipped with scikit-learn (offline quickstart).",
         ),
-        "data_file": Key(None, or_null(text()), "Path of `cifar-100-python.tar.gz`; null uses Paddle's cache folder."),
-        "download": Key(True, boolean(), "Download CIFAR-100 into Paddle's cache when the file is missing."),
+        "data_file": Key(
+            None,
+            or_null(path()),
+            "Path of `cifar-100-python.tar.gz`; null uses Paddle's cache folder.",
+            free_on_resume=True,
+        ),
+        "download": Key(
+            True, boolean(), "Download CIFAR-100 into Paddle's cache when the file is missing.", free_on_resume=True
+        ),
         "crop_scale": Key(
             [0.05, 1.0], scale_range(), "Area range of the training RandomResizedCrop, as fractions of the image."
         ),
-        "num_workers": Key(2, integer(0), "Data-loading worker processes per rank (0 loads in the training process)."),
+        "num_workers": Key(
+            2,
+            integer(0),
+            "Data-loading worker processes per rank (0 loads in the training process).",
+            free_on_resume=True,
+        ),
         "val_size": Key(
             0,
             integer(0),
@@ -233,30 +279,51 @@ SCHEMA = {
             "Mixed precision on GPU with float32 master weights (fp16 adds dynamic loss scaling).",
         ),
         "seed": Key(0, integer(0), "Seeds initialisation, dropout, data order and augmentation."),
-        "eval_every": Key(1000, integer(0), "Evaluate every N optimizer steps (0: only at the end)."),
-        "save_every": Key(1000, integer(0), "Save a resumable checkpoint every N steps (0: only at the end)."),
-        "log_every": Key(50, integer(1), "Print and log training metrics every N steps."),
-        "output_dir": Key("output/run", text(), "Folder for config, logs, checkpoints and best weights."),
+        "eval_every": Key(
+            1000, integer(0), "Evaluate every N optimizer steps (0: only at the end).", free_on_resume=True
+        ),
+        "save_every": Key(
+            1000, integer(0), "Save a resumable checkpoint every N steps (0: only at the end).", free_on_resume=True
+        ),
+        "log_every": Key(50, integer(1), "Print and log training metrics every N steps.", free_on_resume=True),
+        "output_dir": Key(
+            "output/run", path(), "Folder for config, logs, checkpoints and best weights.", free_on_resume=True
+        ),
         "resume": Key(
             None,
-            or_null(text()),
+            or_null(path()),
             "`auto` continues from the newest complete checkpoint in output_dir (starts fresh "
             "if there is none); a path resumes from that checkpoint.",
+            free_on_resume=True,
+        ),
+        "resume_changes": Key(
+            [],
+            config_keys(),
+            "Keys allowed to differ from the resumed checkpoint's config although they change what "
+            "is trained (seed, batch sizes, data, model, loss, optimizer, schedule, amp), e.g. "
+            "[schedule.total_steps]; without them such a resume is refused. Logging, saving, "
+            "evaluation, paths and speed settings may always change.",
+            free_on_resume=True,
         ),
         "overwrite": Key(
             False,
             boolean(),
             "Let a new run start in an output_dir that holds another run's checkpoints or best weights, "
             "deleting them (and nothing else).",
+            free_on_resume=True,
         ),
-        "keep_checkpoints": Key(2, integer(1), "How many of the newest checkpoints to keep."),
+        "keep_checkpoints": Key(2, integer(1), "How many of the newest checkpoints to keep.", free_on_resume=True),
         "max_bad_steps": Key(
-            20, integer(1), "Stop after this many consecutive steps with a non-finite loss or gradient."
+            20,
+            integer(1),
+            "Stop after this many consecutive steps with a non-finite loss or gradient.",
+            free_on_resume=True,
         ),
         "recompute": Key(
             False,
             boolean(),
             "Recompute block activations in the backward pass: less memory, about a third more compute.",
+            free_on_resume=True,
         ),
         "to_static": Key(
             False,
@@ -264,16 +331,18 @@ SCHEMA = {
             "Convert the model's forward to a static program (`paddle.jit.to_static`), which "
             "CUDA builds of Paddle with CINN compile and fuse; for GPUs (slower than eager "
             "on CPU, where the CPU kernels do not apply to it). Not with recompute.",
+            free_on_resume=True,
         ),
         "cpu_threads": Key(
             None,
             integer(1, nullable=True),
             "Math threads per process on CPU; null uses this node's cores divided by the "
             "processes the launcher started.",
+            free_on_resume=True,
         ),
     },
     "eval": {
-        "batch_size": Key(256, integer(1), "Images per device per evaluation batch."),
+        "batch_size": Key(256, integer(1), "Images per device per evaluation batch.", free_on_resume=True),
     },
 }
 
@@ -315,6 +384,29 @@ def _read_yaml(path):
     return content
 
 
+def _count_values(content, budget=MAX_CONFIG_VALUES):
+    """Values in `content` counted as YAML aliases expand them, stopping once past `budget` (aliases
+    can also build a list that contains itself)."""
+    count, pending = 0, [content]
+    while pending and count <= budget:
+        value = pending.pop()
+        count += 1
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return count
+
+
+def shown(value):
+    """`value` for an error message: long strings, lists and nested values are cut with `...`."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxdict, short.maxlist = 3, 6, 8
+    short.maxstring = short.maxother = 80
+    return short.repr(value)
+
+
 def deep_merge(base, override):
     merged = copy.deepcopy(base)
     for name, value in override.items():
@@ -338,6 +430,11 @@ def _load_with_bases(path, chain=()):
     merged = {}
     for base in bases:
         base_path = os.path.join(os.path.dirname(path), base)
+        if not os.path.isfile(base_path):
+            raise UserError(
+                f"Config file '{path}' inherits from '{base}' (`{BASE_KEY}`), but there is no file "
+                f"'{base_path}'. `{BASE_KEY}` paths are relative to the file that names them; fix it there."
+            )
         merged = deep_merge(merged, _load_with_bases(base_path, chain + (path,)))
     return deep_merge(merged, content)
 
@@ -376,23 +473,68 @@ def _closest(name, candidates, prefix=""):
 
 def validate(config, source="the config"):
     """Check every section and key of `config` against SCHEMA; return it with the defaults filled in."""
+    if _count_values(config) > MAX_CONFIG_VALUES:
+        raise UserError(
+            f"{source[0].upper()}{source[1:]} expands to more than {MAX_CONFIG_VALUES} values: YAML "
+            f"aliases (*name) repeat an anchored value (&name) wherever they appear, and nested ones "
+            f"multiply. A run config has a few dozen values; write them out instead."
+        )
     for section, keys in config.items():
         if section not in SCHEMA:
-            raise UserError(f"Unknown section '{section}' in {source}.{_closest(section, SCHEMA)}")
+            raise UserError(f"Unknown section {shown(section)} in {source}.{_closest(str(section), SCHEMA)}")
         if not isinstance(keys, dict):
-            raise UserError(f"Section '{section}' in {source} must be a mapping of keys, got {keys!r}.")
+            raise UserError(f"Section '{section}' in {source} must be a mapping of keys, got {shown(keys)}.")
         for name, value in keys.items():
             if name not in SCHEMA[section]:
                 raise UserError(
-                    f"Unknown key '{section}.{name}' in {source}."
-                    f"{_closest(name, SCHEMA[section], prefix=section + '.')}"
+                    f"Unknown key {shown(f'{section}.{name}')} in {source}."
+                    f"{_closest(str(name), SCHEMA[section], prefix=section + '.')}"
                 )
             allowed = SCHEMA[section][name].allowed
             if not allowed.accepts(value):
                 raise UserError(
-                    f"Invalid value {value!r} for '{section}.{name}' in {source}: it must be {allowed.description}."
+                    f"Invalid value {shown(value)} for '{section}.{name}' in {source}: it must be "
+                    f"{allowed.description}."
                 )
+            keys[name] = allowed.normalize(value)
     return deep_merge(defaults(), config)
+
+
+# The checkpoint holds this optimizer's state (momentum buffers or Adam moments), which no other can use.
+_FIXED_ON_RESUME = ("optimizer.name",)
+
+
+def changes_on_resume(saved, current, checkpoint):
+    """The differences of `current` from `saved` (the config stored in `checkpoint`), as "key: old -> new"
+    lines; raises a UserError for any that makes the resumed run something other than a continuation
+    unless train.resume_changes names it. `saved` is None for checkpoints that stored no config."""
+    if saved is None:
+        return []
+    changes, refused = [], []
+    for section, keys in SCHEMA.items():
+        for name, key in keys.items():
+            dotted = f"{section}.{name}"
+            old, new = saved.get(section, {}).get(name, key.default), current[section][name]
+            if old == new:
+                continue
+            changes.append(f"{dotted}: {shown(old)} -> {shown(new)}")
+            consented = dotted in current["train"]["resume_changes"] and dotted not in _FIXED_ON_RESUME
+            if not (key.free_on_resume or consented):
+                refused.append(dotted)
+    if any(dotted in _FIXED_ON_RESUME for dotted in refused):
+        raise UserError(
+            f"Cannot resume from '{checkpoint}' with another {', '.join(_FIXED_ON_RESUME)} "
+            f"({'; '.join(changes)}): the checkpoint holds the state of the optimizer it was "
+            f"trained with. Resume with the checkpoint's optimizer, or start a new run from its "
+            f"weights with model.pretrained: {checkpoint}."
+        )
+    if refused:
+        raise UserError(
+            f"Resuming from '{checkpoint}' would change what is trained, so the result would not be "
+            f"the run that checkpoint belongs to ({'; '.join(changes)}). Use the checkpoint's values, "
+            f"or, if the change is intended, say so with -o train.resume_changes=[{','.join(refused)}]."
+        )
+    return changes
 
 
 def load(path, overrides=()):
@@ -402,8 +544,17 @@ def load(path, overrides=()):
 
 
 def save(config, path):
-    with open(path, "w", encoding="utf-8") as stream:
-        yaml.safe_dump(config, stream, sort_keys=False, default_flow_style=None)
+    """Write `config` to `path` whole or not at all (through a temporary file and a rename)."""
+    partial = f"{path}.partial"
+    try:
+        with open(partial, "w", encoding="utf-8") as stream:
+            yaml.safe_dump(config, stream, sort_keys=False, default_flow_style=None)
+        os.replace(partial, path)
+    except OSError as error:
+        raise UserError(
+            f"Cannot write the run's config to '{path}' ({error.strerror or error}). Make "
+            f"train.output_dir writable, free disk space, or choose another train.output_dir."
+        ) from None
 
 
 def _as_yaml(value):

@@ -51,7 +51,8 @@ def init(use_fleet=True):
 
 
 class RankWatchdog:
-    """Reports, in this worker's log, the moment another worker on this machine dies.
+    """Reports the moment another worker on this machine dies or is frozen: in this worker's log, and
+    (from the lowest surviving rank) on the launcher's console and in `log_file`, the run's train.log.
 
     Without it, a killed rank shows up in the survivors as a failure deep inside the gradient
     all-reduce (gloo aborts the process from C++, NCCL may wait until the launcher gives up), and the
@@ -60,7 +61,7 @@ class RankWatchdog:
     `stop()` before the ranks part: after that, a rank finishing first is normal.
     """
 
-    def __init__(self, context):
+    def __init__(self, context, log_file):
         self._watcher = None
         if context.world_size == 1:
             return
@@ -75,7 +76,7 @@ class RankWatchdog:
         if siblings:
             script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_watcher.py")
             self._watcher = subprocess.Popen(
-                [sys.executable, script, str(context.rank), str(os.getpid()), *siblings],
+                [sys.executable, script, str(context.rank), str(os.getpid()), str(os.getppid()), log_file, *siblings],
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )

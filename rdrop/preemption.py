@@ -1,24 +1,68 @@
-"""SIGTERM / SIGINT (cluster preemption, Ctrl-C) end the run cleanly instead of losing it.
+"""SIGTERM / SIGINT (cluster preemption, Ctrl-C) end the run cleanly, at any moment, instead of losing it.
 
-The handler only records the request; the training loop finishes its current optimizer step, agrees
-with the other ranks that someone was signalled (a rank may get the signal a moment before the rest),
-saves a checkpoint and exits 0. Repeated signals change nothing: Paddle's launcher sends SIGTERM to
-its workers several times during its 10-second grace period, and the checkpoint must still be written.
+`StopRequest().install()` is the first thing `train.py` does, so Paddle's own C++ handler (which dumps
+a FatalError and exits 143, and can deadlock in `malloc` because it is not async-signal-safe) never
+sees these signals. During start-up (config, data, model, restore: minutes on a real run) a signal
+raises `Stopped` at once: nothing has been trained, so nothing needs saving. Once the training loop
+starts, `defer()` makes the handler only record the request; the loop finishes its current optimizer
+step, agrees with the other ranks that someone was signalled (a rank may get the signal a moment
+before the rest), saves a checkpoint and exits. Repeated signals change nothing: Paddle's launcher
+sends SIGTERM to its workers several times during its grace period, and the checkpoint must still be
+written.
+
+A run that stops before `schedule.total_steps` exits with STOPPED_EXIT_CODE (75, EX_TEMPFAIL of
+sysexits.h: "try again later"), never 0, so a scheduler requeues it instead of taking it as finished.
 """
 
+import functools
 import signal
+import sys
+
+STOPPED_EXIT_CODE = 75
+
+
+class Stopped(BaseException):
+    """A stop signal arrived before training started. A BaseException, so `except Exception` blocks in
+    the start-up code (which turn file errors into messages) let it through."""
 
 
 class StopRequest:
     def __init__(self):
         self.requested = False
         self.signal_name = None
+        self._deferred = False
 
     def install(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
         return self
 
+    def defer(self):
+        """From now on a signal only sets `requested`, for the training loop to act on after its step."""
+        self._deferred = True
+
     def _handle(self, signum, frame):
+        first = not self.requested
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        if first and not self._deferred:
+            raise Stopped(self.signal_name)
+
+
+def exit_when_stopped(main):
+    """Entry-point wrapper: a `Stopped` start-up ends in one line and STOPPED_EXIT_CODE, no traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Stopped as stopped:
+            print(
+                f"Stopped by {stopped} during start-up, before the first training step; nothing was "
+                f"trained or saved (exit code {STOPPED_EXIT_CODE}). Run the same command again to start.",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(STOPPED_EXIT_CODE)
+
+    return wrapper

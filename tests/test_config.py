@@ -92,7 +92,7 @@ def test_malformed_overrides(tmp_path, override, expected):
         ("optimizer:\n  lr: '0.1'\n", "Invalid value '0.1' for 'optimizer.lr'"),
         ("data:\n  crop_scale: [0.0, 1.0]\n", "'data.crop_scale'.*0 < min <= max <= 1"),
         ("data:\n  crop_scale: [0.5, 1.5]\n", "'data.crop_scale'"),
-        ("train:\n  micro_batch_size: 0\n", "'train.micro_batch_size'.*integer >= 1"),
+        ("train:\n  micro_batch_size: 0\n", r"'train.micro_batch_size'.*integer in \[1, 2\^31-1\]"),
         ("train:\n  global_batch_size: 8.5\n", "'train.global_batch_size'"),
         ("train:\n  amp: fp8\n", "'train.amp'.*one of none, bf16, fp16"),
         ("model:\n  dropout: 1.0\n", r"'model.dropout'.*\[0, 1\)"),
@@ -127,3 +127,59 @@ def test_every_shipped_config_is_valid(path):
 
 def test_readme_documents_every_key_exactly_as_the_schema():
     assert config.reference_table() in (ROOT / "docs" / "configuration.md").read_text()
+
+
+@pytest.mark.parametrize("seed", [2**31, 2**63, 2**64, -1])
+def test_integers_are_bounded_to_what_the_run_can_store(tmp_path, seed):
+    with pytest.raises(UserError, match=r"'train.seed'.*\[0, 2\^31-1\]"):
+        config.load(write(tmp_path / "c.yaml", ""), [f"train.seed={seed}"])
+
+
+def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path):
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    text = "anchors:\n" + "\n".join(f"  {line}" for line in lines) + "\ndata:\n  crop_scale: *a11\n"
+    with pytest.raises(UserError, match="expands to more than 10000 values") as caught:
+        config.load(write(tmp_path / "c.yaml", text))
+    assert len(str(caught.value)) < 500
+
+
+def test_a_list_that_contains_itself_is_refused(tmp_path):
+    with pytest.raises(UserError, match="expands to more than"):
+        config.load(write(tmp_path / "c.yaml", "data:\n  crop_scale: &loop [*loop]\n"))
+
+
+def test_long_values_are_cut_in_messages(tmp_path):
+    with pytest.raises(UserError) as caught:
+        config.load(write(tmp_path / "c.yaml", ""), ["data.crop_scale=[" + ", ".join(["0.5"] * 5000) + "]"])
+    message = str(caught.value)
+    assert "'data.crop_scale'" in message and "..." in message and len(message) < 500
+    with pytest.raises(UserError) as caught:
+        config.load(write(tmp_path / "c.yaml", ""), ["train.amp=" + "x" * 100_000])
+    assert "'train.amp'" in str(caught.value) and len(str(caught.value)) < 500
+
+
+def test_a_missing_base_file_names_the_file_that_includes_it(tmp_path):
+    child = write(tmp_path / "child.yaml", "_base_: missing_base.yaml\n")
+    with pytest.raises(UserError, match=r"child.yaml' inherits from 'missing_base.yaml'"):
+        config.load(child)
+
+
+def test_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    loaded = config.load(write(tmp_path / "c.yaml", "train:\n  output_dir: ~/runs/x\n"), ["data.data_file=~/c.tar.gz"])
+    assert loaded["train"]["output_dir"] == str(tmp_path / "runs" / "x")
+    assert loaded["data"]["data_file"] == str(tmp_path / "c.tar.gz")
+
+
+def test_resume_changes_must_name_existing_keys(tmp_path):
+    path = write(tmp_path / "c.yaml", "")
+    assert config.load(path, ["train.resume_changes=[train.seed]"])["train"]["resume_changes"] == ["train.seed"]
+    with pytest.raises(UserError, match="'train.resume_changes'"):
+        config.load(path, ["train.resume_changes=[train.sead]"])
+
+
+def test_an_unwritable_config_path_is_a_user_error_and_leaves_no_partial_file(tmp_path):
+    (tmp_path / "config.yaml").mkdir()  # as root, a read-only folder is still writable: this fails for anyone
+    with pytest.raises(UserError, match="Cannot write the run's config"):
+        config.save(config.defaults(), str(tmp_path / "config.yaml"))

@@ -12,6 +12,7 @@ import sys
 import time
 
 from rdrop import checkpoint
+from rdrop.preemption import STOPPED_EXIT_CODE
 
 import paddle
 import psutil
@@ -66,6 +67,13 @@ def start_launched(config_path, log_dir, *overrides):
     )
 
 
+def worker_of_rank(job, rank):
+    """The training process of `rank` under the launcher `job`."""
+    workers = [w for w in psutil.Process(job.pid).children() if w.environ().get("PADDLE_TRAINER_ID") == str(rank)]
+    assert len(workers) == 1
+    return workers[0]
+
+
 def worker_logs(log_dir):
     return "".join(
         open(os.path.join(log_dir, name)).read() for name in sorted(os.listdir(log_dir)) if name.startswith("workerlog")
@@ -81,7 +89,7 @@ def run_single(config_path, *overrides):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, archive):
+def test_sigterm_checkpoints_exits_stopped_and_resumes_exactly(tmp_path, archive):
     run_single(long_config(tmp_path, archive, "reference"))
     _, reference = final_weights(tmp_path / "reference")
 
@@ -90,7 +98,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, archive):
     wait_for_step(tmp_path / "stopped" / "train.log", 7, process)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
+    assert process.returncode == STOPPED_EXIT_CODE, err
     stopped_at, _ = checkpoint.list_checkpoints(str(tmp_path / "stopped"))[-1]
     assert 7 <= stopped_at < 40
     assert "Stopped by SIGTERM" in out
@@ -99,6 +107,22 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, archive):
     step, resumed = final_weights(tmp_path / "stopped")
     assert step == 40
     assert_same_weights(reference, resumed)
+
+
+def test_sigterm_during_start_up_ends_the_run_at_once_and_cleanly(tmp_path, archive):
+    """Until the loop starts, Paddle's C++ handler used to take SIGTERM: a FatalError dump, exit 143, and
+    now and then a deadlock. The signal is sent once the run has written its config, mid start-up."""
+    config_path = long_config(tmp_path, archive, "starting")
+    process = start_single(config_path)
+    while not (tmp_path / "starting" / "config.yaml").exists():
+        assert process.poll() is None
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == STOPPED_EXIT_CODE, err
+    assert "Stopped by SIGTERM" in out + err
+    assert "FatalError" not in err and "Traceback" not in err
+    assert not any(name.endswith(".partial") for _, _, names in os.walk(tmp_path / "starting") for name in names)
 
 
 @pytest.mark.slow
@@ -120,6 +144,17 @@ def test_two_process_job_survives_sigterm_and_sigkill(tmp_path, archive):
     assert resumed.returncode == 0, worker_logs(tmp_path / "term_resume_logs")
     assert_same_weights(reference_weights, final_weights(tmp_path / "terminated")[1])
 
+    # SIGTERM to one worker only: the ranks agree to stop, and the launcher passes on the workers' exit
+    # code, which must not be 0 (a scheduler would take the job as finished).
+    config_path = long_config(tmp_path, archive, "one_terminated")
+    job = start_launched(config_path, tmp_path / "one_term_logs")
+    wait_for_step(tmp_path / "one_terminated" / "train.log", 7, job)
+    worker_of_rank(job, 1).send_signal(signal.SIGTERM)
+    job.communicate(timeout=120)
+    assert job.returncode == STOPPED_EXIT_CODE
+    assert "Stopped by a signal on another rank" in (tmp_path / "one_terminated" / "train.log").read_text()
+    assert checkpoint.list_checkpoints(str(tmp_path / "one_terminated"))[-1][0] < 40
+
     # SIGKILL of the whole job: no chance to save; resume continues from the last periodic checkpoint.
     config_path = long_config(tmp_path, archive, "killed")
     job = start_launched(config_path, tmp_path / "kill_logs")
@@ -138,15 +173,15 @@ def test_losing_one_rank_ends_the_job_with_a_message_and_resume_works(tmp_path, 
     log_dir = tmp_path / "logs"
     job = start_launched(config_path, log_dir)
     wait_for_step(tmp_path / "lost" / "train.log", 6, job)
-    workers = psutil.Process(job.pid).children()
-    rank_one = [w for w in workers if w.environ().get("PADDLE_TRAINER_ID") == "1"]
-    assert len(rank_one) == 1
-    rank_one[0].kill()
+    rank_zero = worker_of_rank(job, 0)  # the launcher shows only rank 0's log: the hard case
+    rank_zero.kill()
     started = time.monotonic()
     out, err = job.communicate(timeout=120)
     assert job.returncode != 0
     assert time.monotonic() - started < 60
-    assert "error: rank 1 (pid" in worker_logs(log_dir), out + err
+    diagnosis = f"error: rank 0 (pid {rank_zero.pid}) exited while rank 1 still needed it"
+    assert diagnosis in out + err
+    assert diagnosis in (tmp_path / "lost" / "train.log").read_text()
     resumed = launch(["--config", config_path, "-o", "train.resume=auto"], tmp_path / "resume_logs")
     assert resumed.returncode == 0, worker_logs(tmp_path / "resume_logs")
     assert final_weights(tmp_path / "lost")[0] == 40
@@ -275,3 +310,43 @@ def test_a_second_run_on_a_busy_output_dir_exits_2_naming_the_first(tmp_path, ar
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert [step for step, _ in checkpoint.list_checkpoints(str(tmp_path / "busy"))][-1] == 40
+
+
+def run_in_process(config_path, *overrides, capsys):
+    """(exit code, stderr) of train.main in this process."""
+    try:
+        train.main(["--config", config_path] + [arg for override in overrides for arg in ("-o", override)])
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+def test_resume_shows_config_changes_and_refuses_those_that_change_the_run(tmp_path, archive, capsys):
+    config_path = tiny_config(tmp_path, archive, "run")
+    assert run_in_process(config_path, capsys=capsys)[0] == 0
+    written = (tmp_path / "run" / "config.yaml").read_text()
+
+    code, err = run_in_process(config_path, "train.resume=auto", "train.seed=5", "data.val_size=4", capsys=capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "train.seed: 0 -> 5" in err and "data.val_size: 0 -> 4" in err
+    assert "train.resume_changes=[data.val_size,train.seed]" in err
+    assert (tmp_path / "run" / "config.yaml").read_text() == written
+
+    code, err = run_in_process(
+        config_path, "train.resume=auto", "optimizer.name=adamw", "train.resume_changes=[optimizer.name]", capsys=capsys
+    )
+    assert code == 2 and "optimizer.name: 'momentum' -> 'adamw'" in err and "Traceback" not in err
+
+    code, err = run_in_process(
+        config_path,
+        "train.resume=auto",
+        "train.seed=5",
+        "train.log_every=1",
+        "train.resume_changes=[train.seed]",
+        capsys=capsys,
+    )
+    assert code == 0, err
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "Resuming with changes to the checkpoint's config: train.seed: 0 -> 5; train.log_every: 2 -> 1" in log
+    assert "seed: 5" in (tmp_path / "run" / "config.yaml").read_text()
