@@ -105,6 +105,12 @@ def main(argv=None):
         data.prepare_dataset(cfg)  # one download per machine, not one per process into the same file
     distributed.barrier(context)
     stream = data.TrainStream(cfg, context.rank, context.world_size)
+    if train_cfg["global_batch_size"] > stream.num_images:
+        raise UserError(
+            f"train.global_batch_size ({train_cfg['global_batch_size']}) is larger than the training set "
+            f"({stream.num_images} images): one optimizer step would go over it more than once. Choose at "
+            f"most {stream.num_images} (the recipes use 512)."
+        )
     selection_split = "val" if cfg["data"]["val_size"] else "test"
     selection_loader = data.build_eval_loader(cfg, selection_split, context.rank, context.world_size)
     logger.info(

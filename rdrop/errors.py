@@ -2,13 +2,21 @@
 
 Anything a user can get wrong (a config value, a data file, a checkpoint) raises `UserError` with a
 message that names the thing and says how to fix it. Entry points wrap `main` in `exit_on_user_error`.
-Everything else is a programming error and keeps its traceback.
+A data-loading worker killed from outside (out of memory) gets the same treatment. Everything else
+is a programming error and keeps its traceback.
 """
 
 import functools
+import re
 import sys
 
 USER_ERROR_EXIT_CODE = 2
+
+# Paddle reports a data-loading worker that died (its SIGCHLD handler raises wherever the main thread
+# is, often inside backward, wrapped in several C++ error layers) in one of these two forms.
+_DEAD_LOADER_WORKER = re.compile(
+    r"DataLoader process \(pid \d+\) exited[^\n(]*|DataLoader \d+ workers exit unexpectedly[^\n(]*"
+)
 
 
 class UserError(Exception):
@@ -23,6 +31,19 @@ def exit_on_user_error(main):
         except UserError as error:
             paragraph = " ".join(str(error).split())  # embedded messages (YAML, Paddle) bring line breaks
             print(f"error: {paragraph}", file=sys.stderr, flush=True)
+            sys.exit(USER_ERROR_EXIT_CODE)
+        except Exception as error:
+            dead_worker = _DEAD_LOADER_WORKER.search(str(error))
+            if dead_worker is None:
+                raise
+            print(
+                f"error: a data-loading worker process died ({dead_worker.group(0).strip()}). Something "
+                f"outside the run killed it: most often the kernel's out-of-memory killer (see `dmesg`) "
+                f"or a full /dev/shm. Lower data.num_workers (0 loads in the training process) or free "
+                f"memory, then resume with -o train.resume=auto.",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.exit(USER_ERROR_EXIT_CODE)
 
     return wrapper

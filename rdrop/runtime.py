@@ -69,8 +69,18 @@ def configure_cpu(threads=None):
         os.environ["MKL_DEBUG_CPU_TYPE"] = "5"
     paddle.set_flags({"FLAGS_use_stride_kernel": False})
     _keep_freed_memory()
+    cores = len(os.sched_getaffinity(0))
     if threads is None:
-        threads = max(1, len(os.sched_getaffinity(0)) // processes_on_this_node())
+        threads = max(1, cores // processes_on_this_node())
+    elif threads * processes_on_this_node() > cores:
+        logger.warning(
+            "train.cpu_threads %d x %d process(es) = %d math threads for the %d CPU core(s) this process "
+            "may use: the threads will wait for each other. Set train.cpu_threads: null to fit the cores.",
+            threads,
+            processes_on_this_node(),
+            threads * processes_on_this_node(),
+            cores,
+        )
     os.environ["OMP_NUM_THREADS"] = str(threads)
     paddle.base.core.set_num_threads(threads)
     logger.debug("CPU math threads per process: %d", threads)

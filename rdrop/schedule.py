@@ -10,9 +10,12 @@ the same absolute value: the existing Paddle port of this paper returned only th
 `get_lr()`, which silently replaced its configured learning rate with 1.0 x the schedule.
 """
 
+import logging
 import math
 
 from paddle.optimizer.lr import LRScheduler
+
+logger = logging.getLogger(__name__)
 
 
 def learning_rate(schedule_cfg, peak_lr, step):
@@ -36,6 +39,16 @@ class WarmupDecay(LRScheduler):
     def __init__(self, schedule_cfg, peak_lr):
         self.schedule_cfg = dict(schedule_cfg)
         self.peak_lr = peak_lr
+        warmup, total = schedule_cfg["warmup_steps"], schedule_cfg["total_steps"]
+        if warmup > total:
+            logger.warning(
+                "schedule.warmup_steps (%d) is larger than schedule.total_steps (%d): the run ends during "
+                "warmup, at a learning rate of at most %.3g (%.0f%% of optimizer.lr). Lower warmup_steps.",
+                warmup,
+                total,
+                learning_rate(schedule_cfg, peak_lr, total),
+                100 * total / warmup,
+            )
         super().__init__(learning_rate=peak_lr, last_epoch=-1)
 
     def get_lr(self):

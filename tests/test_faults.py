@@ -236,6 +236,8 @@ def bad_archive(tmp_path, **knobs):
         ("truncated_archive", "bad.tar.gz"),
         ("missing_member", "bad.tar.gz"),
         ("label_out_of_range", "bad.tar.gz"),
+        ("global_batch_over_the_training_set", "larger than the training set (48 images)"),
+        ("seed_beyond_64_bits", "'train.seed'"),
     ],
 )
 def test_bad_input_exits_2_with_one_paragraph_and_no_traceback(tmp_path, archive, capsys, case, expected):
@@ -259,6 +261,10 @@ def test_bad_input_exits_2_with_one_paragraph_and_no_traceback(tmp_path, archive
         overrides = [f"data.data_file={bad_archive(tmp_path, truncate_to_bytes=2000)}"]
     elif case == "missing_member":
         overrides = [f"data.data_file={bad_archive(tmp_path, omit_members=('test',))}"]
+    elif case == "global_batch_over_the_training_set":
+        overrides = ["train.global_batch_size=1000000000"]
+    elif case == "seed_beyond_64_bits":
+        overrides = [f"train.seed={2**64}"]
     elif case == "label_out_of_range":
         out_of_range = {"train": {3: 150}}
         overrides = [f"data.data_file={bad_archive(tmp_path, label_overrides=out_of_range)}"]
@@ -350,3 +356,34 @@ def test_resume_shows_config_changes_and_refuses_those_that_change_the_run(tmp_p
     log = (tmp_path / "run" / "train.log").read_text()
     assert "Resuming with changes to the checkpoint's config: train.seed: 0 -> 5; train.log_every: 2 -> 1" in log
     assert "seed: 5" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_settings_that_waste_the_run_are_reported_and_the_largest_seed_runs_to_the_end(tmp_path, archive):
+    cores = len(os.sched_getaffinity(0))
+    config_path = tiny_config(
+        tmp_path,
+        archive,
+        "warned",
+        schedule={"warmup_steps": 500, "total_steps": 6},
+        train={"cpu_threads": cores + 1, "seed": 2**31 - 1},
+    )
+    process = start_single(config_path)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err  # the end of the run (VisualDL hyper-parameters) takes the seed
+    log = (tmp_path / "warned" / "train.log").read_text()
+    assert "schedule.warmup_steps (500) is larger than schedule.total_steps (6)" in log
+    assert f"at most {0.05 * 6 / 500:.3g} (1% of optimizer.lr)" in log
+    assert f"train.cpu_threads {cores + 1} x 1 process(es)" in err
+
+
+def test_a_killed_data_loading_worker_is_one_paragraph_and_exit_2(tmp_path, archive):
+    config_path = long_config(tmp_path, archive, "workers", data={"num_workers": 2}, schedule={"total_steps": 400})
+    process = start_single(config_path)
+    wait_for_step(tmp_path / "workers" / "train.log", 3, process)
+    workers = [child for child in psutil.Process(process.pid).children() if "train.py" in " ".join(child.cmdline())]
+    assert workers
+    workers[0].kill()
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err
+    assert err.startswith("error: a data-loading worker process died") and "data.num_workers" in err
+    assert "Traceback" not in err and err.strip().count("\n") == 0
