@@ -35,15 +35,20 @@ def long_config(tmp_path, archive, name, **extra):
     return tiny_config(tmp_path, archive, name, **sections)
 
 
-def wait_for_step(log_path, step, process, timeout=120):
-    """Block until the run's log shows optimizer step `step` (the run must still be going)."""
+def wait_for_text(log_path, text, process, timeout=120):
+    """Block until the run's log contains `text` (the run must still be going)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if os.path.exists(log_path) and f"step {step}/" in open(log_path).read():
+        if os.path.exists(log_path) and text in open(log_path).read():
             return
-        assert process.poll() is None, f"the run ended before step {step}"
+        assert process.poll() is None, f"the run ended before its log showed {text!r}"
         time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
+    raise AssertionError(f"{text!r} not in the log after {timeout} s")
+
+
+def wait_for_step(log_path, step, process, timeout=120):
+    """Block until the run's log shows optimizer step `step` (the run must still be going)."""
+    wait_for_text(log_path, f"step {step}/", process, timeout)
 
 
 def start_single(config_path, *overrides):
@@ -173,6 +178,11 @@ def test_losing_one_rank_ends_the_job_with_a_message_and_resume_works(tmp_path, 
     log_dir = tmp_path / "logs"
     job = start_launched(config_path, log_dir)
     wait_for_step(tmp_path / "lost" / "train.log", 6, job)
+    # A frozen rank is named (on the console and in train.log) long before gloo's timeout blames a peer.
+    rank_one = worker_of_rank(job, 1)
+    rank_one.suspend()
+    wait_for_text(tmp_path / "lost" / "train.log", f"error: rank 1 (pid {rank_one.pid}) has been stopped", job)
+    rank_one.resume()
     rank_zero = worker_of_rank(job, 0)  # the launcher shows only rank 0's log: the hard case
     rank_zero.kill()
     started = time.monotonic()
@@ -181,6 +191,7 @@ def test_losing_one_rank_ends_the_job_with_a_message_and_resume_works(tmp_path, 
     assert time.monotonic() - started < 60
     diagnosis = f"error: rank 0 (pid {rank_zero.pid}) exited while rank 1 still needed it"
     assert diagnosis in out + err
+    assert f"error: rank 1 (pid {rank_one.pid}) has been stopped" in out + err
     assert diagnosis in (tmp_path / "lost" / "train.log").read_text()
     resumed = launch(["--config", config_path, "-o", "train.resume=auto"], tmp_path / "resume_logs")
     assert resumed.returncode == 0, worker_logs(tmp_path / "resume_logs")
