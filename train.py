@@ -113,6 +113,8 @@ def main(argv=None):
         )
     selection_split = "val" if cfg["data"]["val_size"] else "test"
     selection_loader = data.build_eval_loader(cfg, selection_split, context.rank, context.world_size)
+    # Built now, used after the last step: a test split that cannot be read fails the run before training.
+    test_loader = data.build_eval_loader(cfg, "test", context.rank, context.world_size)
     logger.info(
         "Model selection on the %s split (%s)",
         selection_split,
@@ -225,7 +227,6 @@ def main(argv=None):
 
     stream.close()
     if selection_split == "val" and not stop_requested:
-        test_loader = data.build_eval_loader(cfg, "test", context.rank, context.world_size)
         test = evaluation.evaluate(
             trainer.ddp_model, test_loader, cfg["model"]["num_classes"], context, train_cfg["amp"]
         )

@@ -247,6 +247,7 @@ def bad_archive(tmp_path, **knobs):
         ("truncated_archive", "bad.tar.gz"),
         ("missing_member", "bad.tar.gz"),
         ("label_out_of_range", "bad.tar.gz"),
+        ("test_split_missing_with_val_selection", "cifar-100-python/test"),
         ("global_batch_over_the_training_set", "larger than the training set (48 images)"),
         ("seed_beyond_64_bits", "'train.seed'"),
     ],
@@ -276,6 +277,8 @@ def test_bad_input_exits_2_with_one_paragraph_and_no_traceback(tmp_path, archive
         overrides = ["train.global_batch_size=1000000000"]
     elif case == "seed_beyond_64_bits":
         overrides = [f"train.seed={2**64}"]
+    elif case == "test_split_missing_with_val_selection":  # the test split is only used after the last step
+        overrides = [f"data.data_file={bad_archive(tmp_path, omit_members=('test',))}", "data.val_size=8"]
     elif case == "label_out_of_range":
         out_of_range = {"train": {3: 150}}
         overrides = [f"data.data_file={bad_archive(tmp_path, label_overrides=out_of_range)}"]
@@ -285,6 +288,7 @@ def test_bad_input_exits_2_with_one_paragraph_and_no_traceback(tmp_path, archive
     assert exit_info.value.code == 2
     assert expected in err and "Traceback" not in err
     assert err.startswith("error: ") and err.strip().count("\n") == 0
+    assert not checkpoint.list_checkpoints(str(tmp_path / "run"))  # refused before any training
 
 
 def test_the_command_line_itself_prints_no_traceback(tmp_path):
