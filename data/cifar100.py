@@ -19,7 +19,6 @@ from rdrop.errors import UserError
 
 import numpy as np
 import paddle.dataset.common
-from numpy._core.multiarray import _reconstruct
 from paddle.vision.datasets.cifar import CIFAR100_MD5, CIFAR100_URL
 
 from data.image_set import ImageSet
@@ -107,6 +106,10 @@ def _numeric_dtype(*args):
         raise pickle.UnpicklingError(f"a NumPy array of Python objects (dtype {dtype})")
     return dtype
 
+
+# The function NumPy pickles its arrays with (numpy.core.multiarray._reconstruct in Python 2's NumPy,
+# numpy._core.multiarray._reconstruct in NumPy 2), taken from NumPy itself whatever its version.
+_reconstruct = np.zeros(0).__reduce__()[0]
 
 # Everything the official members (pickled by Python 2 NumPy) and the same data pickled by Python 3
 # need to construct: arrays of numbers and bytes. Nothing else is importable from the file.
