@@ -114,7 +114,9 @@ def main(argv=None):
     selection_split = "val" if cfg["data"]["val_size"] else "test"
     selection_loader = data.build_eval_loader(cfg, selection_split, context.rank, context.world_size)
     # Built now, used after the last step: a test split that cannot be read fails the run before training.
-    test_loader = data.build_eval_loader(cfg, "test", context.rank, context.world_size)
+    test_loader = (
+        data.build_eval_loader(cfg, "test", context.rank, context.world_size) if selection_split == "val" else None
+    )
     logger.info(
         "Model selection on the %s split (%s)",
         selection_split,
