@@ -148,7 +148,9 @@ SCHEMA = {
             one_of(*MODEL_NAMES),
             "Architecture: a preset (ViT-Ti/S/B/L with 16 or 32 px patches), or `vit` with the five dimensions below.",
         ),
-        "img_size": Key(224, integer(1), "Input resolution in pixels (square); a multiple of the patch size."),
+        "img_size": Key(
+            224, integer(1, maximum=4096), "Input resolution in pixels (square); a multiple of the patch size."
+        ),
         "num_classes": Key(100, integer(2), "Classifier outputs; labels must lie in [0, num_classes)."),
         "dropout": Key(
             0.1,
@@ -229,7 +231,7 @@ SCHEMA = {
         ),
         "num_workers": Key(
             2,
-            integer(0),
+            integer(0, maximum=64),
             "Data-loading worker processes per rank (0 loads in the training process).",
             free_on_resume=True,
         ),
@@ -335,7 +337,7 @@ SCHEMA = {
         ),
         "cpu_threads": Key(
             None,
-            integer(1, nullable=True),
+            integer(1, nullable=True, maximum=1024),
             "Math threads per process on CPU; null uses this node's cores divided by the "
             "processes the launcher started.",
             free_on_resume=True,

@@ -94,6 +94,8 @@ def test_malformed_overrides(tmp_path, override, expected):
         ("data:\n  crop_scale: [0.5, 1.5]\n", "'data.crop_scale'"),
         ("train:\n  micro_batch_size: 0\n", r"'train.micro_batch_size'.*integer in \[1, 2\^31-1\]"),
         ("train:\n  global_batch_size: 8.5\n", "'train.global_batch_size'"),
+        ("data:\n  num_workers: 100000\n", r"'data.num_workers'.*\[0, 64\]"),
+        ("model:\n  img_size: 100000\n", r"'model.img_size'.*\[1, 4096\]"),
         ("train:\n  amp: fp8\n", "'train.amp'.*one of none, bf16, fp16"),
         ("model:\n  dropout: 1.0\n", r"'model.dropout'.*\[0, 1\)"),
         ("rdrop:\n  alpha: .nan\n", "'rdrop.alpha'"),
