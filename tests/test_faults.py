@@ -142,6 +142,7 @@ def test_two_process_job_survives_sigterm_and_sigkill(tmp_path, archive):
     wait_for_step(tmp_path / "terminated" / "train.log", 7, job)
     job.send_signal(signal.SIGTERM)
     job.communicate(timeout=120)
+    assert job.returncode == signal.SIGTERM  # the launcher's own code when it is signalled (docs/faults.md)
     assert "Stopped by" in (tmp_path / "terminated" / "train.log").read_text()
     stopped_at = checkpoint.list_checkpoints(str(tmp_path / "terminated"))[-1][0]
     assert 7 <= stopped_at < 40
