@@ -392,6 +392,7 @@ def test_settings_that_waste_the_run_are_reported_and_the_largest_seed_runs_to_t
     assert f"train.cpu_threads {cores + 1} x 1 process(es)" in err
 
 
+@pytest.mark.slow
 def test_a_killed_data_loading_worker_is_one_paragraph_and_exit_2(tmp_path, archive):
     config_path = long_config(tmp_path, archive, "workers", data={"num_workers": 2}, schedule={"total_steps": 400})
     process = start_single(config_path)
