@@ -79,6 +79,9 @@ def main(own_rank, own_pid, console_pid, log_file, siblings):
                 log_file=log_file,
             )
             return
+        if is_stopped(own_pid):  # the whole job is suspended (Ctrl-Z on the launcher), not one rank
+            stopped_since.clear()
+            continue
         now = time.monotonic()
         for rank, pid in watched.values():
             if not is_stopped(pid):

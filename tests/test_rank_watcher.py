@@ -83,3 +83,18 @@ def test_a_stopped_rank_is_named(tmp_path, processes, monkeypatch):
     watcher.join(timeout=30)
     assert not watcher.is_alive()
     rank_one.send_signal(signal.SIGCONT)
+
+
+def test_a_suspended_job_is_not_reported_as_a_frozen_rank(tmp_path, processes, monkeypatch, capsys):
+    monkeypatch.setattr(rank_watcher, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(rank_watcher, "FROZEN_SECONDS", 0.2)
+    console = processes(stderr=(tmp_path / "console").open("w"))
+    own, rank_one = processes(), processes()
+    for process in (own, rank_one):  # Ctrl-Z stops every process of the job
+        process.send_signal(signal.SIGSTOP)
+    watcher = watch_in_background("0", own.pid, console.pid, str(tmp_path / "train.log"), [f"1:{rank_one.pid}"])
+    time.sleep(1.0)  # five times FROZEN_SECONDS: a single frozen rank would have been reported by now
+    own.kill()
+    watcher.join(timeout=30)
+    assert (tmp_path / "console").read_text() == "" and capsys.readouterr().err == ""
+    rank_one.send_signal(signal.SIGCONT)
