@@ -166,7 +166,8 @@ def load(path):
 def saved_config(path):
     """The config stored in checkpoint folder `path` (None if it stored none, as older checkpoints)."""
     _require_folder(path)
-    return _load_file(os.path.join(path, STATE_FILE), _read_json).get("config")
+    state = _load_file(os.path.join(path, STATE_FILE), _read_json)
+    return state.get("config") if isinstance(state, dict) else None
 
 
 def _rename_keys(state, renames):

@@ -510,13 +510,14 @@ def changes_on_resume(saved, current, checkpoint):
     """The differences of `current` from `saved` (the config stored in `checkpoint`), as "key: old -> new"
     lines; raises a UserError for any that makes the resumed run something other than a continuation
     unless train.resume_changes names it. `saved` is None for checkpoints that stored no config."""
-    if saved is None:
+    if not isinstance(saved, dict):
         return []
     changes, refused = [], []
     for section, keys in SCHEMA.items():
+        saved_section = saved.get(section) if isinstance(saved.get(section), dict) else {}
         for name, key in keys.items():
             dotted = f"{section}.{name}"
-            old, new = saved.get(section, {}).get(name, key.default), current[section][name]
+            old, new = saved_section.get(name, key.default), current[section][name]
             if old == new:
                 continue
             changes.append(f"{dotted}: {shown(old)} -> {shown(new)}")
