@@ -15,12 +15,11 @@ import itertools
 import logging
 import math
 import os
-import sys
 import time
 
 from rdrop import checkpoint, config, distributed, evaluation, logs, runtime
 from rdrop.errors import UserError, exit_on_user_error
-from rdrop.preemption import STOPPED_EXIT_CODE, StopRequest, exit_when_stopped
+from rdrop.preemption import STOPPED_EXIT_CODE, StopRequest, exit_stopped, exit_when_stopped
 from rdrop.step import LOSS_NAMES, accumulation_steps, build_trainer
 
 import numpy as np
@@ -248,7 +247,7 @@ def main(argv=None):
     distributed.barrier(context)
     writer.close()
     if stop_requested:
-        sys.exit(STOPPED_EXIT_CODE)
+        exit_stopped()
     if best is not None:
         logger.info(
             "Done: best %s top1 %.2f at step %d, weights in %s",

@@ -49,6 +49,18 @@ class StopRequest:
             raise Stopped(self.signal_name)
 
 
+def exit_stopped():
+    """sys.exit(STOPPED_EXIT_CODE), ignoring any further SIGTERM / SIGINT on the way out.
+
+    While Python shuts down it gives handled signals their default, fatal action back, and the launcher
+    signals the workers still finishing once the first one has exited: without this, a worker that
+    saved its checkpoint could still die by SIGTERM, and the launcher report 241 (-15) instead of 75.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(STOPPED_EXIT_CODE)
+
+
 def exit_when_stopped(main):
     """Entry-point wrapper: a `Stopped` start-up ends in one line and STOPPED_EXIT_CODE, no traceback."""
 
@@ -63,6 +75,6 @@ def exit_when_stopped(main):
                 file=sys.stderr,
                 flush=True,
             )
-            sys.exit(STOPPED_EXIT_CODE)
+            exit_stopped()
 
     return wrapper
