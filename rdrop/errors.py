@@ -12,10 +12,12 @@ import sys
 
 USER_ERROR_EXIT_CODE = 2
 
-# Paddle reports a data-loading worker that died (its SIGCHLD handler raises wherever the main thread
-# is, often inside backward, wrapped in several C++ error layers) in one of these two forms.
+# Paddle reports a data-loading worker that died in one of these forms. Its SIGCHLD handler raises
+# wherever the main thread is, often inside backward (wrapped in several C++ error layers); when that
+# is inside a logging call, logging prints and swallows it, and the next read finds the queue killed.
 _DEAD_LOADER_WORKER = re.compile(
     r"DataLoader process \(pid \d+\) exited[^\n(]*|DataLoader \d+ workers exit unexpectedly[^\n(]*"
+    r"|Blocking queue is killed because the data reader raises an exception"
 )
 
 
