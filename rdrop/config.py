@@ -17,6 +17,7 @@ import os
 import re
 import reprlib
 
+from rdrop import atomic
 from rdrop.errors import UserError
 
 import yaml
@@ -547,12 +548,10 @@ def load(path, overrides=()):
 
 
 def save(config, path):
-    """Write `config` to `path` whole or not at all (through a temporary file and a rename)."""
-    partial = f"{path}.partial"
+    """Write `config` to `path` whole or not at all."""
     try:
-        with open(partial, "w", encoding="utf-8") as stream:
+        with atomic.replacing(path) as partial, open(partial, "w", encoding="utf-8") as stream:
             yaml.safe_dump(config, stream, sort_keys=False, default_flow_style=None)
-        os.replace(partial, path)
     except OSError as error:
         raise UserError(
             f"Cannot write the run's config to '{path}' ({error.strerror or error}). Make "
