@@ -63,20 +63,22 @@ def main(own_rank, own_pid, console_pid, log_file, siblings):
         except ProcessLookupError:
             watched[None] = (rank, pid)
     stopped_since, frozen_reported = {}, set()
+
+    def report_about(rank, message):
+        report(message, reporter=is_reporter(own_rank, watched, rank), console_pid=console_pid, log_file=log_file)
+
     while True:
         ready = [None] if None in watched else select.select([own, *watched], [], [], POLL_SECONDS)[0]
         if own in ready:
             return
         if ready:
             rank, pid = watched[ready[0]]
-            report(
+            report_about(
+                rank,
                 f"error: rank {rank} (pid {pid}) exited while rank {own_rank} still needed it: the job "
                 f"cannot continue. Look at rank {rank}'s log (workerlog.{rank} in the launcher's log "
                 f"folder) for why it ended, then restart the job with -o train.resume=auto to continue "
                 f"from the last checkpoint.",
-                reporter=is_reporter(own_rank, watched, rank),
-                console_pid=console_pid,
-                log_file=log_file,
             )
             return
         if is_stopped(own_pid):  # the whole job is suspended (Ctrl-Z on the launcher), not one rank
@@ -90,14 +92,12 @@ def main(own_rank, own_pid, console_pid, log_file, siblings):
             stopped_since.setdefault(pid, now)
             if now - stopped_since[pid] >= FROZEN_SECONDS and pid not in frozen_reported:
                 frozen_reported.add(pid)
-                report(
+                report_about(
+                    rank,
                     f"error: rank {rank} (pid {pid}) has been stopped (SIGSTOP, Ctrl-Z or a debugger) "
                     f"for {FROZEN_SECONDS:.0f} s; rank {own_rank} waits for it in the next collective "
                     f"operation, and the job fails when that times out. Continue it with "
                     f"`kill -CONT {pid}`, or stop the job and restart it with -o train.resume=auto.",
-                    reporter=is_reporter(own_rank, watched, rank),
-                    console_pid=console_pid,
-                    log_file=log_file,
                 )
 
 
