@@ -81,10 +81,8 @@ def _save_error(what, error):
 def list_checkpoints(output_dir):
     """Complete checkpoints in `output_dir`, as (step, path), oldest first."""
     folder = os.path.join(output_dir, CHECKPOINTS)
-    if not os.path.isdir(folder):
-        return []
     found = []
-    for name in os.listdir(folder):
+    for name in _listdir(folder):
         match = _STEP_FOLDER.match(name)
         if match and os.path.isfile(os.path.join(folder, name, STATE_FILE)):
             found.append((int(match.group(1)), os.path.join(folder, name)))
