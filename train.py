@@ -69,7 +69,8 @@ def main(argv=None):
     context = distributed.init()
     output_dir = train_cfg["output_dir"]
     resume_from = checkpoint.resolve_resume(train_cfg, context)
-    changes = config.changes_on_resume(checkpoint.saved_config(resume_from), cfg, resume_from) if resume_from else []
+    resumed = checkpoint.load(resume_from) if resume_from is not None else None  # (optimizer, trainer state)
+    changes = config.changes_on_resume(resumed[1].get("config"), cfg, resume_from) if resumed else []
     if context.is_main:
         checkpoint.claim_output_dir(train_cfg, resume_from)
         config.save(cfg, os.path.join(output_dir, checkpoint.RUN_CONFIG))
@@ -87,8 +88,6 @@ def main(argv=None):
 
     # Model, optimizer, loss scaler and the step that runs them (rdrop/step.py). A resumed run's
     # checkpoint goes into them through `restore`, which build_trainer calls before the distributed wrap.
-    resumed = checkpoint.load(resume_from) if resume_from is not None else None
-
     def restore(model, optimizer, scaler):
         optimizer_state, trainer_state = resumed
         models.load_weights(model, resume_from, "train.resume")

@@ -161,13 +161,6 @@ def load(path):
     )
 
 
-def saved_config(path):
-    """The config stored in checkpoint folder `path` (None if it stored none, as older checkpoints)."""
-    _require_folder(path)
-    state = _load_file(os.path.join(path, STATE_FILE), _read_json)
-    return state.get("config") if isinstance(state, dict) else None
-
-
 def _rename_keys(state, renames):
     """Rename `old` -> `new` where a key is `old`, or starts with `old_` (Paddle's accumulator names)."""
     ordered = sorted(renames.items(), key=lambda item: -len(item[0]))
