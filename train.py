@@ -17,7 +17,7 @@ import math
 import os
 import time
 
-from rdrop import checkpoint, config, distributed, evaluation, logs, runtime
+from rdrop import checkpoint, config, distributed, evaluation, logs, runtime, seeding
 from rdrop.errors import UserError, exit_on_user_error
 from rdrop.preemption import STOPPED_EXIT_CODE, StopRequest, exit_stopped, exit_when_stopped
 from rdrop.step import LOSS_NAMES, accumulation_steps, build_trainer
@@ -35,12 +35,6 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_arguments(parser, "YAML file in configs/ (or your own)", required=True)
     return parser.parse_args(argv)
-
-
-def dropout_seed(seed, rank, step):
-    """Dropout masks of optimizer step `step` on `rank` depend on these three numbers only, so a resumed
-    run draws the masks the uninterrupted run would have, with no RNG state to checkpoint."""
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2**31 - 1)
 
 
 def hyperparameters(cfg):
@@ -179,7 +173,7 @@ def main(argv=None):
     stop.defer()
     trainer.ddp_model.train()
     while step < total_steps:
-        paddle.seed(dropout_seed(train_cfg["seed"], context.rank, step))
+        paddle.seed(seeding.paddle_seed(train_cfg["seed"], seeding.Purpose.TRAINING_DROPOUT, context.rank, step))
         outcome = trainer.train_step(itertools.islice(stream, accumulation), stop.requested)
         nonfinite = outcome["nonfinite"]
         for name in window:

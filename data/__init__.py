@@ -1,5 +1,7 @@
-"""Input pipeline: CIFAR-100 and the offline digits dataset, sharded resumable sampling, and a
-host or device-side augmentation path (`data.device_augment`) behind the same loaders.
+"""Input pipeline, in the order the images flow: datasets (read, split) -> sampling (which images each
+rank reads, and when) -> transforms (crop, resize, normalise, on the host or the device) -> loader
+(the iterators the trainer and evaluator use). Everything random is seeded from `train.seed` through
+rdrop/seeding.py, so the batches and crops depend only on the seed and the position in the run.
 
     stream = data.TrainStream(cfg, rank, world_size)          # endless training micro-batches
     images, labels = next(stream); logits = model(images)
@@ -15,22 +17,12 @@ host or device-side augmentation path (`data.device_augment`) behind the same lo
 Either way `images` is float32 N x 3 x img_size x img_size, normalised, and `labels` int64 N.
 """
 
-from data.loader import TrainStream, build_eval_loader, class_names
-from data.settings import InputSettings
-from data.splits import dataset_file
-
-
-def prepare_dataset(cfg):
-    """Locate the dataset file, downloading it if the config allows; None for digits.
-
-    Call it on one rank (e.g. local rank 0) and barrier before building loaders, so that several
-    processes do not download into the same cache file at once.
-    """
-    return dataset_file(InputSettings.from_config(cfg))
-
+from data.loader import InputSettings, TrainStream, build_eval_loader, class_names, prepare_dataset
+from data.sampling import StepSizes
 
 __all__ = [
     "InputSettings",
+    "StepSizes",
     "TrainStream",
     "build_eval_loader",
     "class_names",

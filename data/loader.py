@@ -3,26 +3,30 @@ loaders. Both hand out (images, labels) ready for the model: float32 N x 3 x S x
 images and int64 labels, whichever input path `data.device_augment` chooses.
 
 Both wrap `paddle.io.DataLoader` (num_workers = data.num_workers, 0 reads in a background thread of
-the calling process), whose workers run the per-image host work of `data.host_samples`. On the device
-path they only gather uint8 images and crop boxes, and the loader finishes each batch on the device
-with `data.device_transform` as it hands it out. The training stream is one endless DataLoader
-iteration over `TrainBatchSampler`, so workers are started once, not every epoch; its position counts
-the micro-batches handed to the caller, not what the loader has read ahead.
+the calling process), whose workers run the per-image host work of `TrainSamples` and `EvalSamples`.
+On the device path they only gather uint8 images and crop boxes, and the loader finishes each batch
+on the device as it hands it out. The training stream is one endless DataLoader iteration over
+`TrainBatchSampler`, so workers are started once, not every epoch; its position counts the
+micro-batches handed to the caller, not what the loader has read ahead.
+
+The config reaches this package only through the entry points below (`TrainStream`,
+`build_eval_loader`, `class_names`, `prepare_dataset`), which turn it into `InputSettings` once.
 """
 
 import logging
 import math
 import shutil
+from dataclasses import dataclass
 
+from rdrop import seeding
 from rdrop.errors import UserError
 
+import numpy as np
 import paddle
 
-from data.device_transform import resize_batch, resized_crop_batch
-from data.host_samples import EvalSamples, TrainSamples
-from data.settings import InputSettings
-from data.sharding import StreamPosition, TrainBatchSampler, eval_shard
-from data.splits import load_split
+from data.datasets import load_split, locate
+from data.sampling import StepSizes, StreamPosition, TrainBatchSampler, eval_shard
+from data.transforms import resize_batch, resized_crop, resized_crop_batch, sample_crop_box, whole_image_box
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,114 @@ SOURCE_IMAGE_BYTES = 3 * 32 * 32
 FEEDER_EXIT_SECONDS = 0.5
 
 
+@dataclass(frozen=True)
+class InputSettings:
+    """The config keys the input pipeline depends on, all in one place (already validated by
+    rdrop/config.py)."""
+
+    dataset: str
+    data_file: str | None
+    download: bool
+    crop_scale: tuple
+    num_workers: int
+    val_size: int
+    device_augment: bool
+    img_size: int
+    num_classes: int
+    seed: int
+    micro_batch_size: int
+    global_batch_size: int
+    eval_batch_size: int
+
+    @classmethod
+    def from_config(cls, cfg):
+        data = cfg["data"]
+        return cls(
+            dataset=data["dataset"],
+            data_file=data["data_file"],
+            download=bool(data["download"]),
+            crop_scale=tuple(float(value) for value in data["crop_scale"]),
+            num_workers=int(data["num_workers"]),
+            val_size=int(data["val_size"]),
+            device_augment=bool(data["device_augment"]),
+            img_size=int(cfg["model"]["img_size"]),
+            num_classes=int(cfg["model"]["num_classes"]),
+            seed=int(cfg["train"]["seed"]),
+            micro_batch_size=int(cfg["train"]["micro_batch_size"]),
+            global_batch_size=int(cfg["train"]["global_batch_size"]),
+            eval_batch_size=int(cfg["eval"]["batch_size"]),
+        )
+
+
+def prepare_dataset(cfg):
+    """Locate the dataset file, downloading it if the config allows; None for digits.
+
+    Call it on one rank (e.g. local rank 0) and barrier before building loaders, so that several
+    processes do not download into the same cache file at once.
+    """
+    return locate(InputSettings.from_config(cfg))
+
+
+def class_names(cfg):
+    return load_split(InputSettings.from_config(cfg), "test").class_names
+
+
+# --- what the loader workers do per image ---------------------------------------------------------
+# Training keys are (epoch, index) pairs from `TrainBatchSampler`; the crop of a sample is drawn from
+# a generator derived from (train.seed, epoch, index) alone, so augmentation does not depend on which
+# worker process reads the sample or on what was read before (no worker seeding needed, and a resumed
+# stream gets the same crops). Evaluation keys are plain indices.
+#
+#     host path,   train: (float32 3 x S x S normalised, int64 label)
+#     host path,   eval:  (float32 3 x S x S normalised, int64 label)
+#     device path, train: (uint8 3 x 32 x 32, float32 [top, left, height, width], int64 label)
+#     device path, eval:  (uint8 3 x 32 x 32, int64 label)
+
+
+class TrainSamples(paddle.io.Dataset):
+    def __init__(self, image_set, settings):
+        super().__init__()
+        self.image_set = image_set
+        self._seed = settings.seed
+        self._scale = settings.crop_scale
+        self._size = settings.img_size
+        self._device_augment = settings.device_augment
+
+    def __len__(self):
+        return len(self.image_set)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        image = self.image_set.images[index]
+        label = self.image_set.labels[index]
+        rng = seeding.generator(self._seed, seeding.Purpose.AUGMENTATION, epoch, index)
+        box = sample_crop_box(rng, image.shape[1], image.shape[2], self._scale)
+        if self._device_augment:
+            return image, np.asarray(box, dtype=np.float32), label
+        return resized_crop(image, box, self._size), label
+
+
+class EvalSamples(paddle.io.Dataset):
+    def __init__(self, image_set, settings):
+        super().__init__()
+        self.image_set = image_set
+        self._size = settings.img_size
+        self._device_augment = settings.device_augment
+
+    def __len__(self):
+        return len(self.image_set)
+
+    def __getitem__(self, index):
+        image = self.image_set.images[index]
+        label = self.image_set.labels[index]
+        if self._device_augment:
+            return image, label
+        return resized_crop(image, whole_image_box(image.shape[1], image.shape[2]), self._size), label
+
+
+# --- the loaders ------------------------------------------------------------------------------------
+
+
 class TrainStream:
     """Endless iterator of this rank's (images, labels) training micro-batches, ready for the model."""
 
@@ -41,14 +153,21 @@ class TrainStream:
         self._settings = InputSettings.from_config(cfg)
         self._samples = TrainSamples(load_split(self._settings, "train"), self._settings)
         self._rank = rank
-        self._world_size = world_size
+        self._sizes = StepSizes(self._settings.global_batch_size, self._settings.micro_batch_size, world_size)
+        source = self._samples.image_set.source
         if self.num_images < self.images_per_step:
             raise UserError(
-                f"The training split of {self._samples.image_set.source} has {self.num_images} "
+                f"The training split of {source} has {self.num_images} "
                 f"images, fewer than one global micro-step of {self.images_per_step} "
                 f"(world size {world_size} x train.micro_batch_size "
                 f"{self._settings.micro_batch_size}). Lower train.micro_batch_size or "
                 "data.val_size."
+            )
+        if self._sizes.global_batch_size > self.num_images:
+            raise UserError(
+                f"train.global_batch_size ({self._sizes.global_batch_size}) is larger than the training set "
+                f"({self.num_images} images): one optimizer step would go over it more than once. Choose at "
+                f"most {self.num_images} (the recipes use 512)."
             )
         self._position = StreamPosition()
 
@@ -58,11 +177,12 @@ class TrainStream:
 
     @property
     def images_per_step(self):
-        return self._world_size * self._settings.micro_batch_size
+        """Images of one global micro-step (one micro-batch on every rank)."""
+        return self._sizes.images_per_micro_step
 
     @property
     def batches_per_epoch(self):
-        return self.num_images // self.images_per_step
+        return self._sizes.micro_steps_per_epoch(self.num_images)
 
     def __iter__(self):
         return self
@@ -146,14 +266,7 @@ class TrainStream:
         return values
 
     def _loader_from(self, position):
-        sampler = TrainBatchSampler(
-            self.num_images,
-            self._settings.seed,
-            self._rank,
-            self._world_size,
-            self._settings.micro_batch_size,
-            start=position,
-        )
+        sampler = TrainBatchSampler(self.num_images, self._settings.seed, self._rank, self._sizes, start=position)
         return _data_loader(self._samples, self._settings, self._settings.micro_batch_size, batch_sampler=sampler)
 
 
@@ -184,10 +297,6 @@ def build_eval_loader(cfg, split, rank, world_size):
     image_set = load_split(settings, split)
     shard = eval_shard(len(image_set), rank, world_size)
     return EvalLoader(image_set.subset(slice(shard.start, shard.stop)), settings)
-
-
-def class_names(cfg):
-    return load_split(InputSettings.from_config(cfg), "test").class_names
 
 
 def _shut_down(batches):

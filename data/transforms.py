@@ -1,25 +1,29 @@
-"""Host-side image transforms of the R-Drop ViT recipe, on one uint8 CHW image at a time.
+"""The image transforms of the R-Drop ViT recipe, on the host (one uint8 CHW image at a time, in the
+loader workers) and on the device (a whole uint8 NCHW batch, `data.device_augment: true`).
 
 Train: random resized crop (area fraction in `data.crop_scale`, aspect ratio log-uniform in
 [3/4, 4/3], torchvision/Paddle algorithm), bilinear resize to `model.img_size`, no flip; eval: the
 whole image resized the same way. Both then map [0, 255] to [-1, 1] (mean 0.5, std 0.5 on [0, 1]).
 
-`sample_crop_box` also serves the device path, which draws its crops on the host from the same
-per-sample generator, so the two paths see the same crops for the same seed.
+The crop box is always drawn on the host by `sample_crop_box`, from the same per-sample generator on
+both paths, so the two paths see the same crops for the same seed; the device path only ships the
+uint8 image and its box, and resamples the whole batch at once with `grid_sample`.
 
-Resampling geometry (shared with `data.device_transform`, whose tests pin the two together):
-output pixel o of a crop [start, start + length) along an axis of `in_size` pixels samples the
-source at pixel-centre coordinate start + (o + 0.5) * length / out_size - 0.5, clamped to
-[0, in_size - 1], with linear interpolation. For a whole-image box this is plain bilinear resize
-with half-pixel centres (`align_corners=False`). Unlike PIL, which crops first, a crop's edge
-samples may blend in up to half a pixel of the neighbouring image content; there is no
-anti-aliasing when shrinking (the recipe only enlarges 32x32 images).
+Resampling geometry (the same on both paths; tests pin the two together): output pixel o of a crop
+[start, start + length) along an axis of `in_size` pixels samples the source at pixel-centre
+coordinate start + (o + 0.5) * length / out_size - 0.5, clamped to [0, in_size - 1], with linear
+interpolation. For a whole-image box this is plain bilinear resize with half-pixel centres
+(`align_corners=False`). Unlike PIL, which crops first, a crop's edge samples may blend in up to
+half a pixel of the neighbouring image content; there is no anti-aliasing when shrinking (the
+recipe only enlarges 32x32 images).
 """
 
 import math
 from typing import NamedTuple
 
 import numpy as np
+import paddle
+import paddle.nn.functional as F
 
 MEAN = 0.5
 STD = 0.5
@@ -97,3 +101,43 @@ def resized_crop(image, box, out_size):
     blend *= row_weight[:, None]
     out += blend
     return out
+
+
+# --- the device path: whole batches, on whatever device they live on ---------------------------------
+
+
+def normalize_batch(pixels):
+    """uint8 tensor -> float32 in [-1, 1] (the mapping of `normalize`)."""
+    return (pixels.astype("float32") / 255.0 - MEAN) / STD
+
+
+def resized_crop_batch(pixels, boxes, out_size):
+    """uint8 N x C x H x W pixels and N x 4 boxes -> float32 N x C x out_size x out_size, normalised:
+    `resized_crop` of every image, up to rounding."""
+    batch, channels, height, width = pixels.shape
+    boxes = boxes.astype("float32")
+    top, left, crop_height, crop_width = paddle.unbind(boxes, axis=1)
+    # affine_grid maps output coordinates u in [-1, 1] to input coordinates scale * u + shift,
+    # both normalised so that -1 and 1 are the outer edges of the image (align_corners=False);
+    # border padding is the clamp of the host path.
+    scale_x = crop_width / width
+    shift_x = (2.0 * left + crop_width) / width - 1.0
+    scale_y = crop_height / height
+    shift_y = (2.0 * top + crop_height) / height - 1.0
+    zeros = paddle.zeros_like(scale_x)
+    theta = paddle.stack(
+        [
+            paddle.stack([scale_x, zeros, shift_x], axis=1),
+            paddle.stack([zeros, scale_y, shift_y], axis=1),
+        ],
+        axis=1,
+    )
+    grid = F.affine_grid(theta, [batch, channels, out_size, out_size], align_corners=False)
+    return F.grid_sample(normalize_batch(pixels), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resize_batch(pixels, out_size):
+    """The eval transform: whole images resized to out_size x out_size and normalised."""
+    batch, _, height, width = pixels.shape
+    whole = paddle.to_tensor([[0.0, 0.0, height, width]], dtype="float32", place=pixels.place)
+    return resized_crop_batch(pixels, whole.expand([batch, 4]), out_size)

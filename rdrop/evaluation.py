@@ -8,11 +8,10 @@ accumulation stays on the device; the only copy to the host is of the final tota
 
 import contextlib
 
-from rdrop import distributed, logs
+from rdrop import distributed, logs, seeding
 from rdrop.loss import cross_entropy, symmetric_kl
 from rdrop.precision import autocast
 
-import numpy as np
 import paddle
 import paddle.nn.functional as F
 
@@ -76,12 +75,6 @@ def worst_classes(metrics, class_names, count):
     ]
 
 
-def consistency_seed(seed, batch, sample):
-    """The dropout seed of pass `sample` over batch `batch` of the whole split: NumPy's SeedSequence
-    mixes the three numbers the same way in every process and Python version."""
-    return int(np.random.SeedSequence([seed, batch, sample]).generate_state(1)[0]) % (2**31 - 1)
-
-
 @paddle.no_grad()
 def dropout_consistency(model, loader, samples, seed, context, amp="none"):
     """How far `samples` stochastic passes stray from the deterministic prediction.
@@ -93,7 +86,7 @@ def dropout_consistency(model, loader, samples, seed, context, amp="none"):
     deterministic one.
 
     `loader` goes over the whole split on every rank (not a shard) and rank r takes the batches
-    r, r + world_size, ...; each pass is seeded by `consistency_seed(seed, batch, sample)`. An
+    r, r + world_size, ...; each pass is seeded from (seed, batch, sample). An
     image's dropout masks therefore depend on its batch of the split only, so the numbers are the
     same on any number of processes (a shard's batches would regroup images when it changes).
     """
@@ -107,7 +100,7 @@ def dropout_consistency(model, loader, samples, seed, context, amp="none"):
             reference = model(images).astype("float32")
         with _mode(model, training=True):
             for sample in range(samples):
-                paddle.seed(consistency_seed(seed, batch, sample))
+                paddle.seed(seeding.paddle_seed(seed, seeding.Purpose.CONSISTENCY_DROPOUT, batch, sample))
                 with autocast(amp):
                     sampled = model(images).astype("float32")
                 changed = (sampled.argmax(-1) != reference.argmax(-1)).astype("float64").sum()

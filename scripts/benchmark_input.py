@@ -32,10 +32,9 @@ from paddle.io.dataloader.collate import default_collate_fn
 from paddle.vision import transforms as paddle_transforms
 from PIL import Image
 
-from data.device_transform import resize_batch, resized_crop_batch
-from data.host_samples import EvalSamples, TrainSamples
-from data.image_set import ImageSet
-from data.settings import InputSettings
+from data.datasets import ImageSet
+from data.loader import EvalSamples, InputSettings, TrainSamples
+from data.transforms import resize_batch, resized_crop_batch
 
 # An H100 trains ViT-B/16 under R-Drop (two forward passes) at about this many images per second.
 GPU_IMAGES_PER_SECOND = 3000

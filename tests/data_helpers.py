@@ -11,6 +11,7 @@ def make_cfg(
     num_classes=10,
     seed=0,
     micro_batch_size=4,
+    global_batch_size=None,
     eval_batch_size=8,
     **data,
 ):
@@ -27,7 +28,11 @@ def make_cfg(
     return {
         "data": data_section,
         "model": {"img_size": img_size, "num_classes": num_classes},
-        "train": {"seed": seed, "micro_batch_size": micro_batch_size},
+        "train": {
+            "seed": seed,
+            "micro_batch_size": micro_batch_size,
+            "global_batch_size": micro_batch_size if global_batch_size is None else global_batch_size,
+        },
         "eval": {"batch_size": eval_batch_size},
     }
 

@@ -12,9 +12,8 @@ from cifar_archive import cifar100_arrays, fine_label_names, write_cifar100_arch
 from data_helpers import IDENTIFIABLE, index_lookup, indices_of, make_cfg
 
 import data
-from data.host_samples import TrainSamples
-from data.image_set import ImageSet
-from data.splits import load_split, validation_indices
+from data.datasets import ImageSet, load_split, validation_indices
+from data.loader import TrainSamples
 
 NUM_CLASSES = 10
 
@@ -232,6 +231,13 @@ def test_set_state_dict_accepts_the_minimal_form(odd_archive):
     assert stream.state_dict()["epoch"] == 2 and stream.state_dict()["batches_in_epoch"] == 3
     next(stream)
     assert stream.state_dict()["batches_in_epoch"] == 4
+
+
+def test_step_sizes_divide_a_step_into_micro_batches_on_every_process():
+    for global_batch, micro_batch, world_size in [(64, 32, 1), (64, 32, 2), (64, 8, 2), (96, 4, 3)]:
+        sizes = data.StepSizes(global_batch, micro_batch, world_size)
+        assert sizes.accumulation * micro_batch * world_size == global_batch
+        assert sizes.micro_steps_per_epoch(1000) == 1000 // (micro_batch * world_size)
 
 
 # --- evaluation sharding --------------------------------------------------------------------------

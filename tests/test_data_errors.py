@@ -13,7 +13,7 @@ from data_helpers import make_cfg
 from paddle.vision.datasets import Cifar100
 
 import data
-from data import cifar100
+from data import datasets
 
 
 def build_everything(cfg):
@@ -115,6 +115,19 @@ def test_training_set_smaller_than_one_global_step(tmp_path):
     assert_user_error(cfg, path, "train.micro_batch_size", "10 images", build=two_ranks)
 
 
+def test_global_batch_larger_than_the_training_set(tmp_path):
+    path = small_archive(tmp_path / "a.tar.gz")
+    cfg = make_cfg(path, micro_batch_size=4, global_batch_size=32, val_size=2)
+    message = assert_user_error(cfg, "train.global_batch_size (32)", "training set (28 images)")
+    assert "Choose at most 28" in message
+    data.TrainStream(make_cfg(path, micro_batch_size=4, global_batch_size=28, val_size=2), 0, 1)
+
+
+def test_global_batch_that_does_not_divide_into_micro_batches():
+    with pytest.raises(UserError, match=r"must be a multiple of train.micro_batch_size x devices \(8 x 3 = 24\)"):
+        data.StepSizes(global_batch_size=36, micro_batch_size=8, world_size=3).accumulation  # noqa: B018 (it raises)
+
+
 def test_resume_state_from_another_training_set(tmp_path):
     path = small_archive(tmp_path / "a.tar.gz")
     stream = data.TrainStream(make_cfg(path, val_size=5), 0, 1)
@@ -161,7 +174,7 @@ def test_an_object_array_is_refused(tmp_path):
 def test_the_restricted_reader_returns_what_paddles_reader_does(tmp_path, python2_pickles):
     path = small_archive(tmp_path / "a.tar.gz", python2_pickles=python2_pickles)
     for split in ("train", "test"):
-        ours = cifar100.load_cifar100(path, split, 10)
+        ours = datasets.load_cifar100(data.InputSettings.from_config(make_cfg(path)), split)
         paddles = Cifar100(data_file=str(path), mode=split, download=False, backend="cv2")
         expected = np.stack([row for row, _ in paddles.data]).reshape(-1, 3, 32, 32)
         np.testing.assert_array_equal(ours.images, expected)

@@ -15,10 +15,9 @@ from data_helpers import make_cfg
 from paddle.vision.transforms import RandomResizedCrop
 
 import data
-from data.device_transform import resize_batch, resized_crop_batch
-from data.host_samples import TrainSamples
-from data.image_set import ImageSet
-from data.transforms import CropBox, resized_crop, sample_crop_box, whole_image_box
+from data.datasets import ImageSet
+from data.loader import TrainSamples
+from data.transforms import CropBox, resize_batch, resized_crop, resized_crop_batch, sample_crop_box, whole_image_box
 
 DRAWS = 4000
 # Two-sample Kolmogorov-Smirnov critical value at significance 0.001 for n = m = DRAWS:

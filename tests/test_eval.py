@@ -3,7 +3,7 @@ dropout consistency, and exact counting over 2 and 3 processes."""
 
 import json
 
-from rdrop import evaluation
+from rdrop import evaluation, seeding
 from rdrop.distributed import Context
 
 import numpy as np
@@ -175,7 +175,7 @@ def test_dropout_consistency_averages_over_images_and_passes(tmp_path, archive):
     model.train()
     sampled = []
     for sample in range(samples):
-        paddle.seed(evaluation.consistency_seed(11, 0, sample))
+        paddle.seed(seeding.paddle_seed(11, seeding.Purpose.CONSISTENCY_DROPOUT, 0, sample))
         sampled.append(model(images).numpy())
     model.eval()
     result = evaluation.dropout_consistency(model, [(images, labels)], samples, 11, Context(0, 1))

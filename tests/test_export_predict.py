@@ -22,9 +22,8 @@ from run_helpers import ROOT, load_script
 
 import data
 from data import transforms
-from data.host_samples import EvalSamples
-from data.image_set import ImageSet
-from data.settings import InputSettings
+from data.datasets import ImageSet
+from data.loader import EvalSamples, InputSettings
 
 NUM_TRAIN, NUM_TEST = 48, 21
 

@@ -4,7 +4,7 @@ dropout samples, and a static-program model that computes what the eager one doe
 
 import contextlib
 
-from rdrop import config, distributed
+from rdrop import config, distributed, seeding
 from rdrop.errors import UserError
 from rdrop.loss import RDropLoss
 from rdrop.step import TrainStep, build_trainer, compile_model
@@ -163,7 +163,7 @@ def test_train_loop_reads_the_host_once_per_step_and_never_between_logging_point
 
 def test_the_train_loop_count_catches_planted_reads(tmp_path, archive, monkeypatch):
     """The same measurement with a float(loss) planted in every micro-step and one in the loop."""
-    criterion_call, seed_for_step = RDropLoss.__call__, train.dropout_seed
+    criterion_call, seed_for_step = RDropLoss.__call__, seeding.paddle_seed
 
     def reading_criterion(self, *args):
         losses = criterion_call(self, *args)
@@ -175,7 +175,7 @@ def test_the_train_loop_count_catches_planted_reads(tmp_path, archive, monkeypat
         return seed_for_step(*args)
 
     monkeypatch.setattr(RDropLoss, "__call__", reading_criterion)
-    monkeypatch.setattr(train, "dropout_seed", reading_seed)
+    monkeypatch.setattr(seeding, "paddle_seed", reading_seed)
     inside, between = host_reads_in_train_loop(tmp_path, archive, monkeypatch)
     assert inside == [3, 3, 3, 3]
     assert between == [1, 1, 1]

@@ -1,4 +1,4 @@
-"""CIFAR-100 from the official `cifar-100-python.tar.gz`, read without running code from the file.
+"""CIFAR-100's python archive (`cifar-100-python.tar.gz`), read without running code from the file.
 
 The archive's members are Python pickles, and a pickle can call any importable function while it is
 read, so a crafted archive would run code (Paddle's `Cifar100` class, and a plain `pickle.load`, do
@@ -9,7 +9,6 @@ way a bad file can fail into a `UserError` naming the file, and reads the class 
 """
 
 import codecs
-import functools
 import logging
 import pickle
 import tarfile
@@ -20,8 +19,6 @@ from rdrop.errors import UserError
 import numpy as np
 import paddle.dataset.common
 from paddle.vision.datasets.cifar import CIFAR100_MD5, CIFAR100_URL
-
-from data.image_set import ImageSet
 
 logger = logging.getLogger(__name__)
 
@@ -70,26 +67,6 @@ def resolve_archive(data_file, download):
             f"({_describe(error)}). Check the network, or download {ARCHIVE_NAME} "
             f"from {HOMEPAGE} by hand and set data.data_file to its path."
         ) from error
-
-
-def load_cifar100(path, split, num_classes):
-    """The `split` ("train" or "test") of the archive at `path` as an ImageSet (cached per file).
-
-    num_classes only sizes the fallback class names used when the archive has no `meta`.
-    """
-    path = Path(path).resolve()
-    stat = path.stat()
-    return _load_cached(path, stat.st_mtime_ns, stat.st_size, split, num_classes)
-
-
-@functools.lru_cache(maxsize=4)
-def _load_cached(path, mtime_ns, size, split, num_classes):
-    """mtime_ns and size are part of the cache key so a replaced file is read again."""
-    images, labels = _read_split(path, split)
-    # The cached arrays are shared by every caller (train, val, test views): make them read-only.
-    images.flags.writeable = False
-    labels.flags.writeable = False
-    return ImageSet(images, labels, read_class_names(path, num_classes), str(path))
 
 
 def _latin1_bytes(text, encoding):
@@ -151,7 +128,8 @@ def _unpickle_member(path, archive, member):
         ) from None
 
 
-def _read_split(path, split):
+def read_split(path, split):
+    """uint8 N x 3 x 32 x 32 images and int64 labels of member `split` ("train" or "test")."""
     member = f"{MEMBER_ROOT}/{split}"
     try:
         with tarfile.open(path, mode="r") as archive:
