@@ -50,6 +50,13 @@ class TrainStream:
                 f"{self._settings.micro_batch_size}). Lower train.micro_batch_size or "
                 "data.val_size."
             )
+        global_batch_size = cfg["train"]["global_batch_size"]
+        if global_batch_size > self.num_images:
+            raise UserError(
+                f"train.global_batch_size ({global_batch_size}) is larger than the training set "
+                f"({self.num_images} images): one optimizer step would go over it more than once. Choose at "
+                f"most {self.num_images} (the recipes use 512)."
+            )
         self._position = StreamPosition()
 
     @property
