@@ -27,7 +27,7 @@ def make_cfg(
     return {
         "data": data_section,
         "model": {"img_size": img_size, "num_classes": num_classes},
-        "train": {"seed": seed, "micro_batch_size": micro_batch_size},
+        "train": {"seed": seed, "micro_batch_size": micro_batch_size, "global_batch_size": micro_batch_size},
         "eval": {"batch_size": eval_batch_size},
     }
 
