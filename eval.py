@@ -1,4 +1,4 @@
-"""Evaluate trained weights on the test set: top-1, top-5, loss, per-class accuracy, worst classes.
+"""Evaluate trained weights on the test set: top-1, top-5, cross-entropy, per-class accuracy, worst classes.
 
     python eval.py --checkpoint output/run/best.pdparams
     python eval.py --checkpoint output/run/checkpoints/step_20000 --output metrics.json
@@ -15,7 +15,7 @@ the split is counted exactly once, however many processes share the work.
 --consistency K also measures how much predictions change between dropout samples: the mean
 symmetric KL and the disagreement rate of K train-mode passes against the deterministic one.
 
---output writes JSON with: top1, top5 (percent), loss (mean cross-entropy), num_samples,
+--output writes JSON with: top1, top5 (percent), cross_entropy (mean), num_samples,
 class_names, per_class (top-1 percent per class as a list indexed by label, aligned with
 class_names; null for a class without images in the split), per_class_count (images per class),
 worst_classes (list of {class, name, top1, num_samples}), consistency (with --consistency),
@@ -28,7 +28,7 @@ import json
 import logging
 import os
 
-from rdrop import atomic, config, distributed, evaluation, logs, runtime
+from rdrop import atomic, checkpoint, config, distributed, evaluation, logs, runtime
 from rdrop.errors import UserError, exit_on_user_error
 
 import data
@@ -60,9 +60,9 @@ def parse_args(argv=None):
 def format_report(report):
     lines = [
         f"{report['split']} split of {report['num_samples']} images, weights {report['checkpoint']}",
-        f"  top-1  {report['top1']:7.2f} %",
-        f"  top-5  {report['top5']:7.2f} %",
-        f"  loss   {report['loss']:7.4f}",
+        f"  top-1          {report['top1']:7.2f} %",
+        f"  top-5          {report['top5']:7.2f} %",
+        f"  cross-entropy  {report['cross_entropy']:7.4f}",
     ]
     if report["worst_classes"]:
         lines.append("  worst classes (top-1, images):")
@@ -96,16 +96,15 @@ def main(argv=None):
         raise UserError(f"--consistency must be a number of dropout samples >= 0, got {args.consistency}.")
     if args.output:
         atomic.check_writable(args.output, "--output")  # now, not after an evaluation that may take an hour
-    config_path = args.config or models.run_config_path(args.checkpoint)
+    config_path = args.config or checkpoint.run_config_path(args.checkpoint)
     cfg = config.load(config_path, args.override)
-    cfg["model"]["pretrained"] = None  # the checkpoint's weights replace whatever training started from
+    models.resolve_architecture(cfg["model"])  # the model section's checks, before anything is written
     runtime.configure_cpu(cfg["train"]["cpu_threads"])
     context = distributed.init(use_fleet=False)
     logs.setup(context)
     logger.info("Evaluating %s with config %s", args.checkpoint, config_path)
 
-    model = models.build_model(cfg["model"])
-    models.load_weights(model, args.checkpoint, "--checkpoint")
+    model = models.load_trained(args.checkpoint, cfg)
     if context.is_node_main:
         data.prepare_dataset(cfg)  # one download per machine, not one per process into the same file
     distributed.barrier(context)

@@ -7,10 +7,11 @@ from .presets import (
     Architecture,
     build_model,
     forward_flops,
+    load_trained,
     resolve_architecture,
 )
 from .vit import VisionTransformer
-from .weights import load_weights, resize_position_embedding, run_config_path
+from .weights import load_weights, resize_position_embedding
 
 __all__ = [
     "ARCHITECTURE_KEYS",
@@ -20,8 +21,8 @@ __all__ = [
     "VisionTransformer",
     "build_model",
     "forward_flops",
+    "load_trained",
     "load_weights",
     "resize_position_embedding",
     "resolve_architecture",
-    "run_config_path",
 ]

@@ -2,9 +2,9 @@
 
 They are built with the machine's C++ compiler on first use (about 25 s, once per machine and
 source version) into Paddle's extension directory (`PADDLE_EXTENSION_DIR`, default
-~/.cache/paddle_extensions), under a name that hashes the source, the flags, the CPU model and the
-Paddle version, so a changed source or another CPU gets its own build; `-march=native` makes the
-build specific to the CPU. Processes that start together (the launcher's ranks) build once: the
+~/.cache/paddle_extensions), under a name that hashes the source, the flags, the instruction sets
+`-march=native` selects on this CPU and the Paddle version, so a changed source or another CPU gets
+its own build. Processes that start together (the launcher's ranks) build once: the
 others wait on a file lock. When the build fails (no compiler, say), `kernels()` logs why once
 and returns None, and models/layers.py uses Paddle's kernels instead.
 """
@@ -16,10 +16,8 @@ import hashlib
 import logging
 import os
 import pathlib
-import platform
+import subprocess
 import tempfile
-
-from rdrop import runtime
 
 import paddle
 
@@ -34,12 +32,20 @@ _PADDLE_LIBS = pathlib.Path(paddle.__file__).parent / "libs"
 LINK_FLAGS = [f"-L{_PADDLE_LIBS}", "-liomp5", f"-Wl,-rpath,{_PADDLE_LIBS}"]
 
 
+def _native_target():
+    """What -march=native means on this CPU, as the compiler's predefined macros (__AVX2__, ...): a
+    build for one CPU may crash on another that shares the extension folder (a shared home folder)."""
+    compiler = os.environ.get("CXX", "c++")  # the compiler Paddle's builder uses
+    command = [compiler, *COMPILE_FLAGS, "-E", "-dM", "-x", "c++", os.devnull]
+    return subprocess.run(command, capture_output=True, check=True).stdout
+
+
 def build_name():
     digest = hashlib.sha256()
     for part in (
         SOURCE.read_bytes(),
         " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(),
-        (runtime.cpu_info("model name") or platform.processor()).encode(),
+        _native_target(),
         paddle.__version__.encode(),
     ):
         digest.update(part)

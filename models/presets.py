@@ -6,6 +6,7 @@ forward FLOPs of a configuration, for the benchmark's throughput figures.
 """
 
 import dataclasses
+import difflib
 
 from rdrop.errors import UserError
 
@@ -66,7 +67,12 @@ def resolve_architecture(model_cfg):
                     f"model.name '{CUSTOM_NAME}' to choose every dimension yourself."
                 )
     else:
-        raise UserError(f"model.name '{name}' is not a known model; choose one of {', '.join(MODEL_NAMES)}.")
+        closest = difflib.get_close_matches(str(name), MODEL_NAMES, n=1, cutoff=0.5)
+        guess = f"Did you mean '{closest[0]}'? " if closest else ""
+        raise UserError(
+            f"model.name '{name}' is not a known model. {guess}Choose one of {', '.join(MODEL_NAMES)}: a "
+            f"preset, or '{CUSTOM_NAME}' with the five dimensions in the model: section."
+        )
 
     img_size = model_cfg["img_size"]
     if img_size % architecture.patch_size:
@@ -101,6 +107,14 @@ def build_model(model_cfg, seed=None):
     )
     if model_cfg.get("pretrained"):
         load_weights(model, model_cfg["pretrained"], "model.pretrained", adapt=True)
+    return model
+
+
+def load_trained(checkpoint, cfg):
+    """The model of the config dict `cfg` (as loaded, e.g. a run's config.yaml) with the trained
+    weights at `checkpoint` loaded strictly; `model.pretrained` is not loaded, the checkpoint replaces it."""
+    model = build_model(dict(cfg["model"], pretrained=None))
+    load_weights(model, checkpoint, "--checkpoint")
     return model
 
 

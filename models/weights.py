@@ -13,7 +13,8 @@ Sources:
   timm weights, or this project's own `best.pdparams`. These are Python pickles: unpickling can run
   arbitrary code, so load only files you trust. `.npz` files are read with `allow_pickle=False`, and
   object arrays in them are refused.
-- A training checkpoint folder (`checkpoints/step_<N>`), for its model weights.
+- A folder holding one `.pdparams` file, such as a training checkpoint folder (`checkpoints/step_<N>`:
+  its model weights; the optimizer state there is a `.pdopt`).
 - An http(s) URL to a `.npz` or `.pdparams`, downloaded once into Paddle's weights cache
   (~/.cache/paddle/hapi/weights) and reused afterwards.
 
@@ -23,8 +24,6 @@ replaces a classifier head for another number of classes by zeros (as the public
 does) and resizes a position embedding for another grid by bilinear interpolation (class token
 kept), logging each. Anything else that does not fit the model (missing or unexpected keys, other
 shapes) is a UserError listing the offending keys; nothing is ever loaded partially.
-
-Also here: which run config describes a run's weights (`run_config_path`).
 """
 
 import logging
@@ -34,7 +33,6 @@ import urllib.parse
 import zipfile
 import zlib
 
-from rdrop.checkpoint import BEST_WEIGHTS, CHECKPOINTS, MODEL_FILE, RUN_CONFIG
 from rdrop.errors import UserError
 
 import numpy as np
@@ -79,32 +77,6 @@ def load_weights(model, source, setting, adapt=False, md5sum=None):
     # The model is built in float32; mixed precision casts on the fly.
     model.set_state_dict({key: np.asarray(value, dtype=np.float32) for key, value in state.items()})
     logger.info("Loaded the weights in %s", source)
-
-
-def run_config_path(source):
-    """The config.yaml of the training run that wrote the weights at `source`: in the same folder
-    (best.pdparams, or a checkpoint folder's model.pdparams) or in the run folder above
-    `checkpoints/step_<N>`."""
-    path = None if _is_url(source) else _weights_file(source, "--checkpoint")
-    if path is None or path.lower().endswith(".npz"):
-        raise UserError(
-            f"'{source}' is {'a URL' if path is None else 'a Google .npz'}, which does not belong to a "
-            f"training run of this project, so it has no {RUN_CONFIG}: pass the config that describes "
-            f"its architecture and the dataset, e.g. --config configs/vit_b16_cifar100.yaml."
-        )
-    folder = os.path.dirname(os.path.abspath(path))
-    candidates = [folder]
-    if os.path.basename(os.path.dirname(folder)) == CHECKPOINTS:
-        candidates.append(os.path.dirname(os.path.dirname(folder)))
-    for candidate in candidates:
-        config_path = os.path.join(candidate, RUN_CONFIG)
-        if os.path.isfile(config_path):
-            return config_path
-    raise UserError(
-        f"No --config given and no {RUN_CONFIG} found for checkpoint '{source}' (looked in "
-        f"{' and '.join(candidates)}). Pass the config the weights were trained with, e.g. "
-        f"--config output/run/{RUN_CONFIG}."
-    )
 
 
 def _check_fit(found, expected, path, setting, adapt):
@@ -157,20 +129,19 @@ def _download(url, setting, md5sum):
 
 
 def _weights_file(path, setting):
-    """The weights file at `path`: the file itself, or a checkpoint folder's model file."""
+    """The weights file at `path`: the file itself, or the one .pdparams file in a folder."""
     if os.path.isfile(path):
         return path
     if not os.path.isdir(path):
         raise UserError(f"Weights '{path}' ({setting}) do not exist; pass {FORMATS}.")
-    file = os.path.join(path, MODEL_FILE)
-    if not os.path.isfile(file):
-        best = os.path.join(path, BEST_WEIGHTS)
-        hint = f" (this looks like a run folder: its best weights are '{best}')" if os.path.isfile(best) else ""
+    found = sorted(name for name in os.listdir(path) if name.lower().endswith(".pdparams"))
+    if len(found) != 1:
+        held = f"{len(found)} .pdparams files ({', '.join(found)})" if found else "no .pdparams file"
         raise UserError(
-            f"Folder '{path}' ({setting}) holds no {MODEL_FILE}{hint}; pass a checkpoints/step_<N> "
-            f"folder of a training run or a weights file (.npz or .pdparams)."
+            f"Folder '{path}' ({setting}) holds {held}; pass a checkpoints/step_<N> folder of a training "
+            f"run or a weights file (.npz or .pdparams)."
         )
-    return file
+    return os.path.join(path, found[0])
 
 
 def _read_pdparams(path, setting):

@@ -22,8 +22,6 @@ from rdrop.errors import UserError
 
 import yaml
 
-from models.presets import MODEL_NAMES
-
 BASE_KEY = "_base_"
 # Far above any real config (the largest here has about 60 values), far below what makes validation
 # slow: YAML aliases can make a few lines expand to billions of values ("billion laughs").
@@ -133,21 +131,25 @@ def scale_range():
 
 class Key:
     """One config key. `free_on_resume`: changing it never changes what is trained (logging, saving,
-    paths, speed), so a resumed run may change it without `train.resume_changes`."""
+    paths, speed), so a resumed run may change it without `train.resume_changes`. `defines_run`: the
+    key is one of those that say what a run trains (VisualDL's hyper-parameter table lists them); by
+    default the keys that are not free on resume."""
 
-    def __init__(self, default, allowed, doc, free_on_resume=False):
+    def __init__(self, default, allowed, doc, free_on_resume=False, defines_run=None):
         self.default = default
         self.allowed = allowed
         self.doc = doc
         self.free_on_resume = free_on_resume
+        self.defines_run = not free_on_resume if defines_run is None else defines_run
 
 
 SCHEMA = {
     "model": {
         "name": Key(
             "vit_b16",
-            one_of(*MODEL_NAMES),
-            "Architecture: a preset (ViT-Ti/S/B/L with 16 or 32 px patches), or `vit` with the five dimensions below.",
+            text(),
+            "Architecture: a preset (ViT-Ti/S/B/L with 16 or 32 px patches: `vit_ti16`, `vit_s16`, `vit_b16`, "
+            "`vit_b32`, `vit_l16`, `vit_l32`), or `vit` with the five dimensions below.",
         ),
         "img_size": Key(
             224, integer(1, maximum=4096), "Input resolution in pixels (square); a multiple of the patch size."
@@ -175,7 +177,8 @@ SCHEMA = {
             or_null(text()),
             "Weights to start from: a Google `.npz`, a `.pdparams`, a checkpoint folder, or "
             "an http(s) URL (downloaded once into Paddle's cache); null trains from scratch.",
-            free_on_resume=True,
+            free_on_resume=True,  # a resumed run starts from its checkpoint's weights instead
+            defines_run=True,
         ),
         "patch_size": Key(None, integer(1, nullable=True), "Patch size in pixels (`name: vit` only)."),
         "embed_dim": Key(None, integer(1, nullable=True), "Token width (`name: vit` only)."),
@@ -539,6 +542,16 @@ def changes_on_resume(saved, current, checkpoint):
             f"or, if the change is intended, say so with -o train.resume_changes=[{','.join(refused)}]."
         )
     return changes
+
+
+def run_definition(cfg):
+    """{"section.key": value} of the keys that define the run (`Key.defines_run`), in config order."""
+    return {
+        f"{section}.{name}": cfg[section][name]
+        for section, keys in SCHEMA.items()
+        for name, key in keys.items()
+        if key.defines_run
+    }
 
 
 def load(path, overrides=()):

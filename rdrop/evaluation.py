@@ -1,5 +1,5 @@
-"""Metrics of a model over a whole split: top-1 / top-5 / loss / per-class accuracy, the worst
-classes, and dropout consistency.
+"""Metrics of a model over a whole split (top-1 / top-5 / cross-entropy / per-class accuracy, the worst
+classes, dropout consistency), and the model selection of a training run on them.
 
 Each rank sees a disjoint part of the set (the data package shards without padding), the sums are
 all-reduced, so every image is counted exactly once and every rank reports the same numbers. All
@@ -7,13 +7,18 @@ accumulation stays on the device; the only copy to the host is of the final tota
 """
 
 import contextlib
+import logging
+import math
+import os
 
-from rdrop import distributed, logs, seeding
+from rdrop import checkpoint, distributed, logs, seeding
 from rdrop.loss import cross_entropy, symmetric_kl
-from rdrop.precision import autocast
+from rdrop.step import autocast
 
 import paddle
 import paddle.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -28,7 +33,7 @@ def _mode(model, training):
 
 @paddle.no_grad()
 def evaluate(model, loader, num_classes, context, amp="none"):
-    """Returns {'top1', 'top5' (percent), 'loss' (mean cross-entropy), 'num_samples',
+    """Returns {'top1', 'top5' (percent), 'cross_entropy' (mean), 'num_samples',
     'per_class' (top-1 percent per class, None for a class without images), 'per_class_count'}."""
     loss_sum = paddle.zeros([1], dtype="float64")
     top1_per_class = paddle.zeros([num_classes], dtype="float64")
@@ -59,7 +64,7 @@ def evaluate(model, loader, num_classes, context, amp="none"):
     return {
         "top1": 100.0 * float(top1_per_class.sum()) / denominator,
         "top5": 100.0 * float(top5) / denominator,
-        "loss": float(loss) / denominator,
+        "cross_entropy": float(loss) / denominator,
         "num_samples": num_samples,
         "per_class": [100.0 * float(c) / n if n else None for c, n in zip(top1_per_class, count_per_class)],
         "per_class_count": [int(round(n)) for n in count_per_class],
@@ -109,3 +114,73 @@ def dropout_consistency(model, loader, samples, seed, context, amp="none"):
     kl, changed, passes = distributed.all_reduce_sum(totals, context).numpy()
     passes = max(passes, 1.0)
     return {"samples": samples, "symmetric_kl": float(kl / passes), "disagreement": 100.0 * float(changed / passes)}
+
+
+def selection_split(cfg):
+    """The split a training run selects its best weights on: held-out training images, if any."""
+    return "val" if cfg["data"]["val_size"] else "test"
+
+
+class Selection:
+    """Model selection during training: evaluates on the selection split, logs the result and its
+    scalars, and keeps the best weights so far (best.pdparams and best.json, written by rank 0)."""
+
+    def __init__(self, cfg, context, loader):
+        self.split = selection_split(cfg)
+        self.loader, self.context = loader, context
+        self.num_classes, self.amp = cfg["model"]["num_classes"], cfg["train"]["amp"]
+        self.output_dir = cfg["train"]["output_dir"]
+        held_out = "held out from training" if self.split == "val" else None
+        logger.info(
+            "Model selection on the %s split (%s)",
+            self.split,
+            held_out or "set data.val_size to select on held-out training images instead",
+        )
+
+    def evaluate(self, trainer, run, writer):
+        """Evaluate the weights of step `run.step`; a better top-1 becomes `run.best`."""
+        metrics = evaluate(trainer.ddp_model, self.loader, self.num_classes, self.context, self.amp)
+        checksums = distributed.parameter_checksums(trainer.model, self.context)
+        logger.info(
+            "eval step %d on %s: top1 %.2f  top5 %.2f  cross_entropy %.4f  (%d images; parameter checksum "
+            "%.6e, max drift across ranks %.3e)",
+            run.step,
+            self.split,
+            metrics["top1"],
+            metrics["top5"],
+            metrics["cross_entropy"],
+            metrics["num_samples"],
+            checksums[0],
+            float(np.max(np.abs(checksums - checksums[0]))),
+        )
+        writer.scalars(self.split, logs.eval_scalars(metrics), run.step)
+        if math.isfinite(metrics["cross_entropy"]) and (run.best is None or metrics["top1"] > run.best["top1"]):
+            run.best = {"step": run.step, "split": self.split, **{k: metrics[k] for k in logs.EVAL_SCALARS}}
+            if self.context.is_main:
+                checkpoint.save_best(self.output_dir, trainer.model.state_dict(), run.best)
+
+    def test_last_weights(self, trainer, loader, run):
+        """Evaluate the last weights on the test split (when selection used val), and say how to test the best."""
+        test = evaluate(trainer.ddp_model, loader, self.num_classes, self.context, self.amp)
+        best_weights = os.path.join(self.output_dir, checkpoint.BEST_WEIGHTS)
+        if run.best is not None and run.best["step"] == run.step:
+            which = f"which are also the best on val ({best_weights})"
+        else:
+            which = f"not the best-on-val weights; test those with: python eval.py --checkpoint {best_weights}"
+        logger.info(
+            "Test split, weights of the last step (%d): top1 %.2f  top5 %.2f; %s",
+            run.step,
+            test["top1"],
+            test["top5"],
+            which,
+        )
+
+    def report_best(self, run):
+        if run.best is not None:
+            logger.info(
+                "Done: best %s top1 %.2f at step %d, weights in %s",
+                run.best["split"],
+                run.best["top1"],
+                run.best["step"],
+                os.path.join(self.output_dir, checkpoint.BEST_WEIGHTS),
+            )

@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+import paddle
+
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "train.log"
@@ -70,7 +72,7 @@ class MetricsWriter:
         earlier_files = sorted(glob.glob(os.path.join(folder, VISUALDL_FILES)))
         kept = _scalars_up_to(earlier_files, start_step)
         self._writer = LogWriter(logdir=folder, file_name=_next_file_name(earlier_files))
-        self._writer.add_hparams(hparams_dict=hparams, metrics_list=list(metric_tags))
+        self._writer.add_hparams(hparams_dict=_table_values(hparams), metrics_list=list(metric_tags))
         for tag, records in kept.items():
             for step, (value, walltime) in sorted(records.items()):
                 self._writer.add_scalar(tag=tag, value=value, step=step, walltime=walltime)
@@ -87,6 +89,16 @@ class MetricsWriter:
     def close(self):
         if self._writer is not None:
             self._writer.close()
+
+
+def _table_values(hparams):
+    """`hparams` as VisualDL's table shows them: it leaves a name with a dot blank (`model.name` is
+    shown as `model_name`) and takes scalars only."""
+    table = {}
+    for name, value in hparams.items():
+        scalar = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+        table[name.replace(".", "_")] = value if scalar else str(value)
+    return table
 
 
 def _next_file_name(earlier_files):
@@ -157,17 +169,57 @@ class Progress:
 # CE_a + CE_b + alpha * KL_sym; without R-Drop: CE), the cross-entropy per dropout sample (the mean
 # of CE_a and CE_b, so it compares with a run without R-Drop) and the symmetric KL between the two
 # samples (R-Drop runs only). Evaluation scalars are logged under the split's name (val/ or test/).
-TRAIN_LOSSES = {"loss": "objective", "ce": "cross_entropy", "kl": "symmetric_kl"}
+TRAIN_LOSSES = ("objective", "cross_entropy", "symmetric_kl")
 EVAL_SCALARS = ("top1", "top5", "cross_entropy")
 
 
 def train_scalars(losses, two_samples):
-    """The step's losses (rdrop.loss names) under their logged names; no KL for a single-sample run."""
-    return {logged: losses[name] for name, logged in TRAIN_LOSSES.items() if name != "kl" or two_samples}
+    """The step's losses (rdrop.loss names) as logged: no KL for a single-sample run."""
+    return {name: losses[name] for name in TRAIN_LOSSES if name != "symmetric_kl" or two_samples}
 
 
 def eval_scalars(metrics):
-    return {"top1": metrics["top1"], "top5": metrics["top5"], "cross_entropy": metrics["loss"]}
+    return {name: metrics[name] for name in EVAL_SCALARS}
+
+
+def eval_tags(split):
+    return [f"{split}/{name}" for name in EVAL_SCALARS]
+
+
+class TrainingProgress:
+    """The training log of the steps since the last report: mean losses, the last learning rate and
+    gradient norm, throughput and ETA, as a console line and VisualDL scalars. Losses are summed on
+    the device, so a step reads nothing back to the host."""
+
+    def __init__(self, cfg, two_samples, writer, clock=time.perf_counter):
+        self.total_steps, self.global_batch_size = cfg["schedule"]["total_steps"], cfg["train"]["global_batch_size"]
+        self.log_every, self.two_samples, self.writer, self.clock = (
+            cfg["train"]["log_every"],
+            two_samples,
+            writer,
+            clock,
+        )
+        self._reset()
+
+    def _reset(self):
+        self.sums = {name: paddle.zeros([], dtype="float32") for name in TRAIN_LOSSES}
+        self.start, self.steps = self.clock(), 0
+
+    def add(self, outcome, step):
+        """Count the outcome of step `step` (TrainStep's), and report every `train.log_every` steps and at the end."""
+        for name in self.sums:
+            self.sums[name] += outcome["losses"][name]
+        self.steps += 1
+        if step % self.log_every and step != self.total_steps:
+            return
+        values = train_scalars({name: float(total) / self.steps for name, total in self.sums.items()}, self.two_samples)
+        values.update(lr=outcome["lr"], grad_norm=float(outcome["grad_norm"]))
+        elapsed = self.clock() - self.start
+        img_per_s = self.steps * self.global_batch_size / elapsed
+        eta = (self.total_steps - step) * elapsed / self.steps
+        logger.info(progress_line(step, self.total_steps, values, img_per_s, eta))
+        self.writer.scalars("train", dict(values, img_per_s=img_per_s), step)
+        self._reset()
 
 
 def format_duration(seconds):

@@ -3,7 +3,7 @@
 For a micro-batch of B images, two forward passes with independent dropout masks give logits a and b,
 P_a = softmax(a) and P_b = softmax(b). This module computes
 
-    loss = CE(a) + CE(b) + alpha * KL_sym(a, b),    KL_sym = KL(P_a || P_b) + KL(P_b || P_a),
+    objective = CE(a) + CE(b) + alpha * KL_sym(a, b),    KL_sym = KL(P_a || P_b) + KL(P_b || P_a),
 
 with each CE the mean over the batch and KL_sym reduced by `kl_reduction`:
 
@@ -77,11 +77,12 @@ def rdrop_logits(model, images, two_samples, concat_batch=True):
 
 
 class RDropLoss:
-    """`criterion(logits_a, logits_b, labels)` -> {'loss', 'ce', 'kl'}; `logits_b=None` when alpha == 0.
+    """`criterion(logits_a, logits_b, labels)` -> {'objective', 'cross_entropy', 'symmetric_kl'};
+    `logits_b=None` when alpha == 0.
 
-    'loss' is the objective above (CE(a) + CE(b) + alpha * KL_sym; CE(a) alone without a second
-    sample); 'ce' is the cross-entropy per sample, the mean of CE(a) and CE(b), which means the same
-    with one sample or two, so R-Drop and plain runs compare.
+    'objective' is what the optimizer minimises (CE(a) + CE(b) + alpha * KL_sym; CE(a) alone without a
+    second sample); 'cross_entropy' is the cross-entropy per sample, the mean of CE(a) and CE(b), which
+    means the same with one sample or two, so R-Drop and plain runs compare.
     """
 
     def __init__(self, alpha, kl_reduction="sum"):
@@ -99,7 +100,7 @@ class RDropLoss:
     def __call__(self, logits_a, logits_b, labels):
         ce_a = cross_entropy(logits_a, labels)
         if logits_b is None:
-            return {"loss": ce_a, "ce": ce_a, "kl": paddle.zeros([], dtype="float32")}
+            return {"objective": ce_a, "cross_entropy": ce_a, "symmetric_kl": paddle.zeros([], dtype="float32")}
         ce_b = cross_entropy(logits_b, labels)
         kl = symmetric_kl(logits_a, logits_b, self.kl_reduction)
-        return {"loss": ce_a + ce_b + self.alpha * kl, "ce": (ce_a + ce_b) / 2, "kl": kl}
+        return {"objective": ce_a + ce_b + self.alpha * kl, "cross_entropy": (ce_a + ce_b) / 2, "symmetric_kl": kl}

@@ -15,8 +15,11 @@ sysexits.h: "try again later"), never 0, so a scheduler requeues it instead of t
 """
 
 import functools
+import logging
 import signal
 import sys
+
+logger = logging.getLogger(__name__)
 
 STOPPED_EXIT_CODE = 75
 
@@ -27,8 +30,11 @@ class Stopped(BaseException):
 
 
 class StopRequest:
+    """`requested`: this process was signalled; `stopping`: the ranks agreed, after a step, to stop."""
+
     def __init__(self):
         self.requested = False
+        self.stopping = False
         self.signal_name = None
         self._deferred = False
 
@@ -40,6 +46,23 @@ class StopRequest:
     def defer(self):
         """From now on a signal only sets `requested`, for the training loop to act on after its step."""
         self._deferred = True
+
+    def after_step(self, any_rank_requested, step, total_steps):
+        """Decide after optimizer step `step`, on what every rank agreed, whether the run stops there
+        (saves and exits): a stop during the last step changes nothing."""
+        self.stopping = any_rank_requested and step < total_steps
+
+    def exit_if_stopping(self, step, total_steps):
+        if self.stopping:
+            logger.info(
+                "Stopped by %s at step %d of %d; checkpoint saved. Resume with -o train.resume=auto "
+                "(exit code %d: stopped before the end, resumable).",
+                self.signal_name or "a signal on another rank",
+                step,
+                total_steps,
+                STOPPED_EXIT_CODE,
+            )
+            exit_stopped()
 
     def _handle(self, signum, frame):
         first = not self.requested

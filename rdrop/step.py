@@ -1,6 +1,7 @@
 """The trainer train.py runs, built in one place so that scripts/benchmark.py and the tests run the same:
 `build_trainer` takes the model (from `models.build_model`) and makes the optimizer, schedule, loss
-scaler, distributed wrapper and the `TrainStep` that drives them.
+scaler, distributed wrapper and the `TrainStep` that drives them. Also here: the mixed precision a
+step runs in, and the guard that ends a run whose steps keep being skipped.
 
 A step accumulates gradients over `accumulation` micro-batches (the all-reduce of the data-parallel
 model runs only on the last one), unscales them (fp16), clips them to the global norm and applies
@@ -10,17 +11,34 @@ asked to stop, which every rank must agree on before it decides what to do next.
 """
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-from rdrop import distributed, optim, precision
+from rdrop import distributed, optim
 from rdrop.errors import UserError
 from rdrop.loss import RDropLoss, rdrop_logits
-from rdrop.schedule import WarmupDecay
 
 import paddle
 
-LOSS_NAMES = ("loss", "ce", "kl")
+logger = logging.getLogger(__name__)
+
+LOSS_NAMES = ("objective", "cross_entropy", "symmetric_kl")
+AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def autocast(amp):
+    """The mixed-precision context of `train.amp`. Weights stay float32 (the master weights: level O1
+    casts the inputs of matmuls and convolutions per op), so updates and checkpoints are float32."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return paddle.amp.auto_cast(enable=True, level="O1", dtype=AMP_DTYPES[amp])
+
+
+def loss_scaler(amp):
+    """Dynamic loss scaling for fp16 (bf16 needs none); a disabled scaler (a plain pass-through)
+    otherwise. On CPU, Paddle's auto_cast and GradScaler do nothing, so the same code runs everywhere."""
+    return paddle.amp.GradScaler(enable=amp == "fp16", init_loss_scaling=2.0**15)
 
 
 def accumulation_steps(train_cfg, world_size):
@@ -72,12 +90,12 @@ class TrainStep:
             last = index == self.accumulation - 1
             sync = contextlib.nullcontext() if last else distributed.no_sync(self.ddp_model, self.context)
             with sync, distributed.peers_expected(self.context):
-                with precision.autocast(self.amp):
+                with autocast(self.amp):
                     logits_a, logits_b = rdrop_logits(
                         self.ddp_model, images, self.criterion.needs_two_samples, self.concat_batch
                     )
                 micro_losses = self.criterion(logits_a, logits_b, labels)
-                self.scaler.scale(micro_losses["loss"] / self.accumulation).backward()
+                self.scaler.scale(micro_losses["objective"] / self.accumulation).backward()
             for name in LOSS_NAMES:
                 losses[name] += micro_losses[name].detach() / self.accumulation
         self.scaler.unscale_(self.optimizer)
@@ -97,6 +115,27 @@ class TrainStep:
         return {"losses": losses, "grad_norm": grad_norm, "lr": lr, "nonfinite": bool(nonfinite), "stop": bool(stop)}
 
 
+class DivergenceGuard:
+    """Ends a run whose steps keep being skipped: `max_bad_steps` consecutive non-finite steps."""
+
+    def __init__(self, max_bad_steps):
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps = 0
+
+    def check(self, nonfinite, step):
+        if not nonfinite:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        logger.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", step, self.bad_steps)
+        if self.bad_steps >= self.max_bad_steps:
+            raise UserError(
+                f"Training diverged: {self.bad_steps} consecutive steps had a non-finite loss or "
+                f"gradient (train.max_bad_steps). Lower optimizer.lr, keep optimizer.grad_clip "
+                f"on, or use amp bf16 instead of fp16; resume from the last checkpoint."
+            )
+
+
 @dataclass(frozen=True)
 class Trainer:
     """What `build_trainer` returns. `model` is the bare model (its state_dict is what checkpoints hold);
@@ -106,7 +145,7 @@ class Trainer:
     model: paddle.nn.Layer
     ddp_model: paddle.nn.Layer
     optimizer: Any  # a paddle.optimizer.Optimizer, or fleet's wrapper of one
-    scheduler: WarmupDecay
+    scheduler: optim.WarmupDecay
     scaler: paddle.amp.GradScaler
     accumulation: int
     train_step: TrainStep
@@ -116,16 +155,16 @@ def build_trainer(cfg, context, model, restore=None):
     """Build everything one optimizer step of `model` needs, for this process's place in the job
     (`context`). `model` is the bare model from `models.build_model`, the same on every rank.
 
-    `restore(model, optimizer, scaler)`,
-    when given, runs after they are built and before the distributed wrap: that is where a resumed run
-    puts its checkpoint in, because fleet broadcasts rank 0's parameters to every rank at the wrap.
+    `restore(model, optimizer, scaler)` (`RunState.restore`), when given, runs after they are built and
+    before the distributed wrap: that is where a resumed run puts its checkpoint in, because fleet
+    broadcasts rank 0's parameters to every rank at the wrap.
     """
     train_cfg = cfg["train"]
     accumulation = accumulation_steps(train_cfg, context.world_size)
     model.recompute = train_cfg["recompute"]
     model = compile_model(model, train_cfg["to_static"])
     optimizer, scheduler = optim.build(cfg["optimizer"], cfg["schedule"], model)
-    scaler = precision.loss_scaler(train_cfg["amp"])
+    scaler = loss_scaler(train_cfg["amp"])
     if restore is not None:
         restore(model, optimizer, scaler)
     ddp_model, optimizer = distributed.wrap(model, optimizer, context)

@@ -50,9 +50,9 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from rdrop import config, distributed, precision, runtime
+from rdrop import config, distributed, runtime
 from rdrop.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error
-from rdrop.step import build_trainer
+from rdrop.step import autocast, build_trainer
 
 import paddle
 
@@ -179,7 +179,7 @@ def measure(cfg, mode, steps, warmup):
 
         @paddle.no_grad()
         def run():
-            with precision.autocast(train_cfg["amp"]):
+            with autocast(train_cfg["amp"]):
                 trainer.ddp_model(images)
 
         images_per_step = cfg["eval"]["batch_size"]

@@ -18,7 +18,7 @@ pairs. Rerunning the same command resumes: finished runs are kept, an interrupte
 `-o train.resume=auto`. After training, eval.py evaluates the run's best.pdparams on the test split
 (`--output test_metrics.json`, `--consistency K` if given).
 
-The table reports, per arm, the mean ± sample standard deviation over seeds of top-1, top-5, loss,
+The table reports, per arm, the mean ± sample standard deviation over seeds of top-1, top-5, cross-entropy,
 the dropout consistency (with --consistency) and the training wall time, and each seed's value; per
 pair of arms, the mean paired difference (later arm minus earlier arm, in --arm order) with a 95%
 paired-t interval, mean ± t(0.975, n-1) · sd / sqrt(n) over the n seeds both arms completed. It is
@@ -64,7 +64,7 @@ CONFIDENCE = 0.95
 METRICS = (
     ("top1", "test top-1 %", lambda run: run["test"]["top1"]),
     ("top5", "test top-5 %", lambda run: run["test"]["top5"]),
-    ("loss", "test loss", lambda run: run["test"]["loss"]),
+    ("cross_entropy", "test cross-entropy", lambda run: run["test"]["cross_entropy"]),
     ("consistency_kl", "dropout sym. KL", lambda run: run["test"].get("consistency", {}).get("symmetric_kl")),
     (
         "disagreement",
@@ -393,7 +393,7 @@ def _number(value, digits):
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-DIGITS = {"top1": 2, "top5": 2, "loss": 4, "consistency_kl": 4, "disagreement": 2, "train_minutes": 2}
+DIGITS = {"top1": 2, "top5": 2, "cross_entropy": 4, "consistency_kl": 4, "disagreement": 2, "train_minutes": 2}
 
 
 def format_table(summary):

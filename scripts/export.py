@@ -33,7 +33,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from rdrop import atomic, config, exported, logs, runtime
+from rdrop import atomic, checkpoint, config, exported, logs, runtime
 from rdrop.errors import UserError, exit_on_user_error
 
 import numpy as np
@@ -184,12 +184,10 @@ def main(argv=None):
     logs.setup_single_process()
     modules = onnx_modules() if args.onnx else None
     atomic.check_writable(args.output, "the --output folder", is_folder=True)
-    config_path = args.config or models.run_config_path(args.checkpoint)
+    config_path = args.config or checkpoint.run_config_path(args.checkpoint)
     cfg = config.load(config_path, args.override)
-    cfg["model"]["pretrained"] = None  # the checkpoint's weights replace whatever training started from
     runtime.configure_cpu(cfg["train"]["cpu_threads"])
-    model = models.build_model(cfg["model"])
-    models.load_weights(model, args.checkpoint, "--checkpoint")
+    model = models.load_trained(args.checkpoint, cfg)
     model.eval()
     class_names = list(data.class_names(cfg))
     class_names += [f"class_{index}" for index in range(len(class_names), cfg["model"]["num_classes"])]

@@ -39,9 +39,10 @@ import traceback
 from typing import NamedTuple
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from rdrop import checkpoint, config, distributed, precision
+from rdrop import config, distributed
 from rdrop.errors import exit_on_user_error
-from rdrop.step import build_trainer
+from rdrop.run_state import RunState
+from rdrop.step import autocast, build_trainer
 
 import numpy as np
 import paddle
@@ -205,7 +206,7 @@ def check_attention(cfg):
     images, _ = benchmark.random_batch(cfg, cfg["train"]["micro_batch_size"])
 
     def bf16_logits():
-        with paddle.no_grad(), precision.autocast("bf16"):
+        with paddle.no_grad(), autocast("bf16"):
             return model(images)
 
     backends, logits = attention_backends(bf16_logits)
@@ -239,7 +240,7 @@ def run_steps(trainer, micro_batch, steps):
     for step in range(steps):
         paddle.seed(step)
         outcome = trainer.train_step([micro_batch])
-        losses.append(float(outcome["losses"]["loss"]))
+        losses.append(float(outcome["losses"]["objective"]))
         finite.append(not outcome["nonfinite"])
     return losses, finite
 
@@ -279,22 +280,9 @@ def check_fp16_resume(cfg):
     run_steps(trainer, micro_batch, 3)
     saved = trainer.scaler.state_dict()
     with tempfile.TemporaryDirectory() as output_dir:
-        path = checkpoint.save(
-            output_dir,
-            3,
-            trainer.model.state_dict(),
-            checkpoint.portable_optimizer_state(trainer.optimizer, trainer.model),
-            {"data": {}, "best": None, "loss_scaler": saved},
-            keep=1,
-        )
-        optimizer_state, trainer_state = checkpoint.load(path)
-
-        def restore(model, optimizer, scaler):  # as train.py resumes
-            models.load_weights(model, path, "train.resume")
-            checkpoint.restore_optimizer(optimizer, model, optimizer_state)
-            scaler.load_state_dict(trainer_state["loss_scaler"])
-
-        resumed = build(cfg, distributed.Context(0, 1), restore)
+        run_cfg = dict(cfg, train=dict(cfg["train"], output_dir=output_dir))
+        path = RunState(run_cfg, step=3).save(trainer, stream_state={})
+        resumed = build(cfg, distributed.Context(0, 1), RunState.load(path, run_cfg).restore)
     restored = resumed.scaler.state_dict()
     if not saved or restored.keys() != saved.keys():
         return failed(f"the loss scaler's state was {saved} when saved and {restored} after resuming")

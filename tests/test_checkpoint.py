@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from rdrop import checkpoint, distributed
+from rdrop import checkpoint, config, distributed, output_folder, resume
 from rdrop.errors import UserError
 
 import numpy as np
@@ -36,8 +36,8 @@ def test_save_load_round_trip_and_pruning(tmp_path):
         checkpoint.save(str(tmp_path), step, *small_states(step), {"data": {"epoch": step}}, keep=2)
     assert [step for step, _ in checkpoint.list_checkpoints(str(tmp_path))] == [20, 30]
     folder = tmp_path / "checkpoints" / "step_30"
-    optimizer_state, trainer_state = checkpoint.load(str(folder))
-    np.testing.assert_array_equal(paddle.load(str(folder / checkpoint.MODEL_FILE))["w"].numpy(), np.full([2, 3], 30.0))
+    model_state, optimizer_state, trainer_state = checkpoint.load(str(folder))
+    np.testing.assert_array_equal(model_state["w"].numpy(), np.full([2, 3], 30.0))
     np.testing.assert_allclose(optimizer_state["velocity"].numpy(), np.full([2, 3], 3.0))
     assert trainer_state == {"data": {"epoch": 30}, "step": 30}
 
@@ -47,8 +47,8 @@ def test_auto_resume_picks_the_newest_complete_checkpoint(tmp_path):
     checkpoint.save(str(tmp_path), 7, *small_states(7), {}, keep=3)
     (tmp_path / "checkpoints" / ".step_9.partial").mkdir()
     (tmp_path / "checkpoints" / "step_11").mkdir()  # no trainer_state.json: not complete
-    assert checkpoint.resolve_resume(train_cfg(tmp_path, resume="auto"), SINGLE_PROCESS).endswith("step_7")
-    assert checkpoint.resolve_resume(train_cfg(tmp_path / "empty", resume="auto"), SINGLE_PROCESS) is None
+    assert resume.resolve(train_cfg(tmp_path, resume="auto"), SINGLE_PROCESS).endswith("step_7")
+    assert resume.resolve(train_cfg(tmp_path / "empty", resume="auto"), SINGLE_PROCESS) is None
 
 
 def test_failure_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -82,7 +82,7 @@ def test_process_killed_halfway_through_a_save_leaves_no_complete_looking_checkp
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 9
-    assert checkpoint.resolve_resume(train_cfg(tmp_path, resume="auto"), SINGLE_PROCESS).endswith("step_1")
+    assert resume.resolve(train_cfg(tmp_path, resume="auto"), SINGLE_PROCESS).endswith("step_1")
     checkpoint.save(str(tmp_path), 2, *small_states(2), {}, keep=2)  # the leftover partial folder is replaced
     assert [step for step, _ in checkpoint.list_checkpoints(str(tmp_path))] == [1, 2]
 
@@ -127,8 +127,9 @@ def test_not_a_folder_is_a_user_error(tmp_path):
 
 
 def claim_as_train_does(output_dir, **changes):
-    cfg = train_cfg(output_dir, **changes)
-    checkpoint.claim_output_dir(cfg, checkpoint.resolve_resume(cfg, distributed.Context(0, 1)))
+    cfg = config.defaults()
+    cfg["train"].update(train_cfg(output_dir, **changes))
+    output_folder.claim(cfg, resume.resolve(cfg["train"], distributed.Context(0, 1)))
 
 
 @pytest.mark.parametrize("left_behind", ["checkpoint", "best_weights_only", "best_metrics_only"])
@@ -143,10 +144,10 @@ def test_a_fresh_run_never_overwrites_what_a_previous_run_left(tmp_path, left_be
         run.mkdir()
         (run / "best.json").write_text("{}")
     before = {name: (run / name).stat().st_mtime_ns for name in os.listdir(run)}
-    for resume in (None, "auto"):
-        if left_behind != "checkpoint" or resume is None:  # auto resumes a checkpoint: nothing is overwritten
+    for setting in (None, "auto"):
+        if left_behind != "checkpoint" or setting is None:  # auto resumes a checkpoint: nothing is overwritten
             with pytest.raises(UserError, match="already holds results of another run"):
-                claim_as_train_does(run, resume=resume)
+                claim_as_train_does(run, resume=setting)
     elsewhere = tmp_path / "other"
     checkpoint.save(str(elsewhere), 2, *small_states(2), {}, keep=1)
     with pytest.raises(UserError, match="already holds results"):  # resuming another folder's checkpoint
@@ -177,7 +178,7 @@ def test_overwrite_deletes_only_what_runs_write(tmp_path):
         for name in names
         if name != ".lock"
     )
-    assert remaining == sorted(foreign)
+    assert remaining == sorted(foreign + [checkpoint.RUN_CONFIG])  # the new run's config
     assert checkpoint.list_checkpoints(str(tmp_path)) == []
 
 
@@ -195,7 +196,7 @@ def test_an_fp16_loss_scaler_state_survives_save_and_resume(tmp_path):
         "use_dynamic_loss_scaling": True,
     }
     checkpoint.save(str(tmp_path), 3, *small_states(3), {"loss_scaler": gpu_state}, keep=1)
-    _, trainer_state = checkpoint.load(str(tmp_path / "checkpoints" / "step_3"))
+    _, _, trainer_state = checkpoint.load(str(tmp_path / "checkpoints" / "step_3"))
 
     scaler = paddle.amp.GradScaler(enable=False)
     scaler._enable = True  # as on a GPU: on a CPU, Paddle disables the scaler when it is built
@@ -213,17 +214,17 @@ def reports(*per_rank):
 
 def test_ranks_resume_only_when_every_one_reads_rank_0s_checkpoint_at_its_step():
     path = "/runs/a/checkpoints/step_3"
-    assert checkpoint.agree_on_resume(path, reports((3, None), (3, None))) == path
-    assert checkpoint.agree_on_resume(None, reports((None, None), (None, None))) is None
+    assert resume.agree(path, reports((3, None), (3, None))) == path
+    assert resume.agree(None, reports((None, None), (None, None))) is None
     with pytest.raises(UserError) as missing:
-        checkpoint.agree_on_resume(path, reports((3, None), (None, "no such folder")))
+        resume.agree(path, reports((3, None), (None, "no such folder")))
     message = str(missing.value)
     assert "Rank 1 on host host1" in message and path in message and "no such folder" in message
     assert "storage all machines share" in message
     with pytest.raises(UserError, match="Rank 2 on host host2 .*records step 2, rank 0 reads step 3"):
-        checkpoint.agree_on_resume(path, reports((3, None), (3, None), (2, None)))
+        resume.agree(path, reports((3, None), (3, None), (2, None)))
     with pytest.raises(UserError, match="Cannot resume from .*trainer_state.json is missing"):
-        checkpoint.agree_on_resume(path, reports((None, "trainer_state.json is missing"), (3, None)))
+        resume.agree(path, reports((None, "trainer_state.json is missing"), (3, None)))
 
 
 # Runs train.py with its working directory in machine<rank>/: with a relative train.output_dir, each
@@ -266,16 +267,16 @@ def test_every_rank_checks_the_checkpoint_rank_0_chose_rather_than_its_own_newes
     monkeypatch.setattr(distributed, "gather", gather)
     rank_1 = distributed.Context(1, 2, local_rank=0)
     with pytest.raises(UserError, match=f"Rank 1 on host .*'{chosen}'.*no such folder"):
-        checkpoint.resolve_resume(train_cfg(tmp_path / "rank1_view", resume="auto"), rank_1)
+        resume.resolve(train_cfg(tmp_path / "rank1_view", resume="auto"), rank_1)
     checkpoint.save(str(tmp_path / "shared"), 7, *small_states(7), {}, keep=1)
-    assert checkpoint.resolve_resume(train_cfg(tmp_path / "rank1_view", resume="auto"), rank_1) == chosen
+    assert resume.resolve(train_cfg(tmp_path / "rank1_view", resume="auto"), rank_1) == chosen
     assert [report[0] for report in reports_seen] == [None, 7]
 
 
 HOLD_LOCK = """
 import sys
-from rdrop import checkpoint
-checkpoint.lock_output_dir(sys.argv[1])
+from rdrop import output_folder
+output_folder.lock(sys.argv[1])
 print("locked", flush=True)
 sys.stdin.read()
 """
@@ -298,4 +299,4 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder_until_it_d
         holder.kill()  # SIGKILL: no clean-up runs, the operating system drops the lock
         holder.wait()
     claim_as_train_does(tmp_path, resume="auto")
-    assert f"pid {os.getpid()}" in (tmp_path / checkpoint.LOCK_FILE).read_text()
+    assert f"pid {os.getpid()}" in (tmp_path / output_folder.LOCK_FILE).read_text()

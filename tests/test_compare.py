@@ -129,10 +129,10 @@ def test_a_failed_run_stops_the_grid_naming_its_folder_and_log(tmp_path, archive
     assert not (grid / "rdrop").exists()
 
 
-def fake_run(grid, arm, seed, top1, loss, train_seconds):
+def fake_run(grid, arm, seed, top1, cross_entropy, train_seconds):
     folder = grid / arm / f"seed_{seed}"
     folder.mkdir(parents=True)
-    metrics = {"top1": top1, "top5": 100.0, "loss": loss, "num_samples": 300}
+    metrics = {"top1": top1, "top5": 100.0, "cross_entropy": cross_entropy, "num_samples": 300}
     (folder / compare.TEST_METRICS).write_text(json.dumps(metrics))
     timing = {"attempts": [{"seconds": s, "exit_code": 0, "load_average_end": [1, 1, 1]} for s in train_seconds]}
     (folder / compare.TIMING_FILE).write_text(json.dumps(timing))

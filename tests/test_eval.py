@@ -3,7 +3,7 @@ dropout consistency, and exact counting over 2 and 3 processes."""
 
 import json
 
-from rdrop import evaluation, seeding
+from rdrop import checkpoint, evaluation, seeding
 from rdrop.distributed import Context
 
 import numpy as np
@@ -55,7 +55,7 @@ def test_fixed_class_model_gives_the_closed_form_metrics(tmp_path, archive10, ca
     assert metrics["num_samples"] == NUM_TEST
     assert metrics["top1"] == pytest.approx(100.0 * np.mean(labels == 7))
     assert metrics["top5"] == pytest.approx(100.0 * np.mean(np.isin(labels, [7, 2, 9, 0, 4])))
-    assert metrics["loss"] == pytest.approx(np.mean(log_sum_exp - bias[labels]), rel=1e-6)
+    assert metrics["cross_entropy"] == pytest.approx(np.mean(log_sum_exp - bias[labels]), rel=1e-6)
     assert max(log_sum_exp - bias[labels]) > 64
     counts = np.bincount(labels, minlength=10)
     assert metrics["per_class_count"] == counts.tolist()
@@ -82,7 +82,7 @@ def test_run_config_is_found_from_a_checkpoint_folder_file_or_best_weights(tmp_p
     run, _, _ = write_run(tmp_path, archive10, "found", fixed_class_weights(np.arange(10.0)), model={"num_classes": 10})
     step_folder = run / "checkpoints" / f"step_{CHECKPOINT_STEP}"
     for weights in (step_folder, step_folder / "model.pdparams", run / "best.pdparams"):
-        assert models.run_config_path(str(weights)) == str(run / "config.yaml")
+        assert checkpoint.run_config_path(str(weights)) == str(run / "config.yaml")
     metrics = evaluate_script.main(["--checkpoint", str(step_folder)])
     assert metrics["config"] == str(run / "config.yaml") and metrics["num_samples"] == NUM_TEST
 
@@ -96,20 +96,20 @@ def test_missing_run_config_and_npz_without_config_are_clear_errors(tmp_path, ar
     code, message = run_eval(capsys, "--checkpoint", str(tmp_path / "ViT-tiny.npz"))
     assert code == 2 and "Google .npz" in message and "--config" in message
     code, message = run_eval(capsys, "--checkpoint", str(tmp_path / "nowhere.pdparams"))
-    assert code == 2 and "do not exist" in message
+    assert code == 2 and "does not exist" in message
     code, message = run_eval(capsys, "--checkpoint", "http://127.0.0.1:9/best.pdparams")
     assert code == 2 and "URL" in message and "--config" in message
 
 
-def test_unreadable_weights_and_a_run_folder_are_clear_errors(tmp_path, archive10, capsys):
+def test_unreadable_weights_are_a_clear_error_also_through_the_run_folder(tmp_path, archive10, capsys):
     run, _, _ = write_run(
         tmp_path, archive10, "broken", fixed_class_weights(np.arange(10.0)), model={"num_classes": 10}
     )
     (run / "best.pdparams").write_bytes(b"not a pickle")
     code, message = run_eval(capsys, "--checkpoint", str(run / "best.pdparams"))
     assert code == 2 and str(run / "best.pdparams") in message and "Traceback" not in message
-    code, message = run_eval(capsys, "--checkpoint", str(run))
-    assert code == 2 and "model.pdparams" in message and "best.pdparams" in message
+    code, message = run_eval(capsys, "--checkpoint", str(run))  # a folder's one .pdparams: the best weights
+    assert code == 2 and f"'{run / 'best.pdparams'}' (--checkpoint) cannot be read" in message
 
 
 def test_weights_of_another_shape_are_refused_naming_both_shapes(tmp_path, archive, archive10, capsys):
@@ -136,7 +136,7 @@ def test_npz_is_evaluated_as_the_reference_model(tmp_path, archive):
     peak = logits.max(-1)
     losses = np.log(np.exp(logits - peak[:, None]).sum(-1)) + peak - logits[np.arange(NUM_TEST), labels]
     assert metrics["top1"] == pytest.approx(100.0 * np.mean(logits.argmax(-1) == labels))
-    assert metrics["loss"] == pytest.approx(losses.mean(), rel=1e-4)
+    assert metrics["cross_entropy"] == pytest.approx(losses.mean(), rel=1e-4)
 
 
 def test_npz_is_evaluated_strictly(tmp_path, archive, capsys):
@@ -196,7 +196,9 @@ def test_consistency_is_zero_without_dropout_and_positive_with_it(tmp_path, arch
     assert with_dropout["consistency"]["symmetric_kl"] > 0
     assert with_dropout["consistency"]["disagreement"] > 0
     # The deterministic metrics do not depend on the dropout rate.
-    assert with_dropout["top1"] == without["top1"] and with_dropout["loss"] == pytest.approx(without["loss"])
+    assert with_dropout["top1"] == without["top1"] and with_dropout["cross_entropy"] == pytest.approx(
+        without["cross_entropy"]
+    )
     code, message = run_eval(capsys, "--checkpoint", checkpoint, "--consistency", "-1")
     assert code == 2 and "--consistency" in message
 
@@ -220,7 +222,7 @@ def test_every_image_is_counted_once_on_several_processes(tmp_path, archive, pro
     assert several["per_class_count"] == single["per_class_count"]
     for key in ("top1", "top5", "per_class"):
         assert several[key] == single[key], key
-    assert several["loss"] == pytest.approx(single["loss"], rel=1e-6)
+    assert several["cross_entropy"] == pytest.approx(single["cross_entropy"], rel=1e-6)
     assert 0 < single["top5"] < 100  # generic predictions, not a degenerate all-or-nothing case
 
 

@@ -90,12 +90,12 @@ def test_rdrop_objective_is_two_cross_entropies_plus_weighted_kl_and_logs_their_
 
     expected_kl = symmetric_kl_rows(a, b).sum() / 4
     out = RDropLoss(alpha=0.7, kl_reduction="batchmean")(tensor(a), tensor(b), paddle.to_tensor(labels))
-    assert float(out["loss"]) == pytest.approx(mean_nll(a) + mean_nll(b) + 0.7 * expected_kl, rel=1e-5)
-    assert float(out["kl"]) == pytest.approx(expected_kl, rel=1e-5)
+    assert float(out["objective"]) == pytest.approx(mean_nll(a) + mean_nll(b) + 0.7 * expected_kl, rel=1e-5)
+    assert float(out["symmetric_kl"]) == pytest.approx(expected_kl, rel=1e-5)
     # The logged cross-entropy is per sample, so it reads the same as a single-sample run's.
-    assert float(out["ce"]) == pytest.approx((mean_nll(a) + mean_nll(b)) / 2, rel=1e-5)
+    assert float(out["cross_entropy"]) == pytest.approx((mean_nll(a) + mean_nll(b)) / 2, rel=1e-5)
     single = RDropLoss(alpha=0.0)(tensor(a), None, paddle.to_tensor(labels))
-    assert float(single["ce"]) == pytest.approx(mean_nll(a), rel=1e-5)
+    assert float(single["cross_entropy"]) == pytest.approx(mean_nll(a), rel=1e-5)
 
 
 def test_single_pass_when_alpha_is_zero():
@@ -109,8 +109,8 @@ def test_single_pass_when_alpha_is_zero():
     logits_a, logits_b = rdrop_logits(model, images, two_samples=RDropLoss(0.0).needs_two_samples)
     assert calls == [5] and logits_b is None
     out = RDropLoss(0.0)(logits_a, None, paddle.to_tensor([0, 1, 2, 0, 1]))
-    assert float(out["kl"]) == 0.0
-    assert float(out["loss"]) == pytest.approx(math.log(3), rel=1e-6)
+    assert float(out["symmetric_kl"]) == 0.0
+    assert float(out["objective"]) == pytest.approx(math.log(3), rel=1e-6)
 
 
 def test_concatenated_and_two_pass_forwards_agree_without_dropout():
@@ -121,7 +121,7 @@ def test_concatenated_and_two_pass_forwards_agree_without_dropout():
     criterion = RDropLoss(0.3, "sum")
     concatenated = criterion(*rdrop_logits(model, images, True, concat_batch=True), labels)
     two_pass = criterion(*rdrop_logits(model, images, True, concat_batch=False), labels)
-    for name in ("loss", "ce", "kl"):
+    for name in ("objective", "cross_entropy", "symmetric_kl"):
         assert float(concatenated[name]) == pytest.approx(float(two_pass[name]), rel=1e-6, abs=1e-7)
 
 

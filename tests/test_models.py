@@ -368,3 +368,8 @@ def test_embed_dim_must_be_divisible_by_heads():
 def test_unknown_model_name_is_a_user_error():
     with pytest.raises(UserError, match="vit_h14"):
         models.build_model(preset_cfg("vit_h14"))
+
+
+def test_the_model_name_key_documents_every_model_name():
+    for name in models.MODEL_NAMES:
+        assert f"`{name}`" in config.SCHEMA["model"]["name"].doc, name

@@ -55,11 +55,11 @@ def test_runs_logged_before_the_renaming_are_read_with_the_cross_entropy_per_pas
 def test_sessions_of_a_resumed_run_are_merged_the_later_one_winning(tmp_path):
     run = tmp_path / "resumed"
     # Killed after logging step 4 past its step-3 checkpoint; the resumed session logs 4 and 6 again.
-    write_session(run, "vdlrecords.100.log", {"train/loss": [(2, 4.0), (4, 3.9)]})
-    write_session(run, "vdlrecords.200.log", {"train/loss": [(4, 3.5), (6, 3.0)]})
+    write_session(run, "vdlrecords.100.log", {"train/objective": [(2, 4.0), (4, 3.9)]})
+    write_session(run, "vdlrecords.200.log", {"train/objective": [(4, 3.5), (6, 3.0)]})
     files = plot_curves.visualdl_files(str(run))
-    scalars = plot_curves.read_scalars(files, ["train/loss", "eval/top1"])
-    steps, values = scalars["train/loss"]
+    scalars = plot_curves.read_scalars(files, ["train/objective", "eval/top1"])
+    steps, values = scalars["train/objective"]
     assert steps == [2, 4, 6]
     np.testing.assert_allclose(values, [4.0, 3.5, 3.0])
     assert "eval/top1" not in scalars

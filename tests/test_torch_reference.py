@@ -90,7 +90,7 @@ def test_loss_and_gradients_equal_the_paddle_steps_for_the_same_weights(alpha):
     paddle_images = paddle.to_tensor(images)
     paddle_loss = criterion(
         *rdrop_logits(paddle_model, paddle_images, criterion.needs_two_samples), paddle.to_tensor(labels)
-    )["loss"]
+    )["objective"]
     paddle_loss.backward()
     torch_loss = torch_reference.rdrop_loss(torch_model, torch.from_numpy(images), torch.from_numpy(labels), alpha)
     torch_loss.backward()

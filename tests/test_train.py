@@ -89,6 +89,16 @@ def test_indivisible_batch_sizes_are_refused(tmp_path, archive, capsys):
     assert "must be a multiple of train.micro_batch_size" in capsys.readouterr().err
 
 
+def test_a_mistyped_model_name_names_the_closest_one_before_anything_is_written(tmp_path, archive, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", tiny_config(tmp_path, archive), "-o", "model.name=vit_b61"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "model.name 'vit_b61' is not a known model. Did you mean 'vit_b16'?" in message
+    assert "\n" not in message and "Traceback" not in message
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("micro_batch_size", [4, 2], ids=["1_micro_batch_per_rank", "2_micro_batches_per_rank"])
 def test_two_processes_match_one_process_with_accumulation(tmp_path, archive, micro_batch_size):

@@ -82,6 +82,9 @@ def test_hyperparameters_have_names_the_table_shows(tmp_path, archive):
     assert not any("." in name for name in names)  # VisualDL's table leaves such cells blank
     assert row["hparams"]["optimizer_lr"] == pytest.approx(0.05)
     assert row["hparams"]["model_name"] == "vit"
+    assert "model_pretrained" in names  # what the run started from defines it, although a resume may drop it
+    settings = ("train_output_dir", "train_resume", "train_log_every", "train_eval_every", "train_save_every")
+    assert not names & {*settings, "data_num_workers", "train_keep_checkpoints", "eval_batch_size"}
     assert set(row["metrics"]) == {"test/top1", "test/top5", "test/cross_entropy"}
 
 

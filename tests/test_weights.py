@@ -277,7 +277,10 @@ def test_pdparams_without_a_state_dict_is_a_user_error(tmp_path):
 def test_missing_path_folder_without_model_and_unknown_format(tmp_path):
     assert "do not exist" in load_error(tmp_path / "absent.npz")
     (tmp_path / "empty_checkpoint").mkdir()
-    assert "holds no model.pdparams" in load_error(tmp_path / "empty_checkpoint")
+    assert "holds no .pdparams file" in load_error(tmp_path / "empty_checkpoint")
+    for name in ("a.pdparams", "b.pdparams"):
+        paddle.save({"w": paddle.ones([1])}, str(tmp_path / "empty_checkpoint" / name))
+    assert "holds 2 .pdparams files (a.pdparams, b.pdparams)" in load_error(tmp_path / "empty_checkpoint")
     (tmp_path / "weights.pth").write_bytes(b"\0")
     assert "unknown format" in load_error(tmp_path / "weights.pth")
 
