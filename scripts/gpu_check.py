@@ -81,11 +81,10 @@ def skipped(detail):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(parser, f"the run to check (default: the repository's {DEFAULT_CONFIG})")
+    default = str(ROOT / DEFAULT_CONFIG)  # the repository's, from whatever folder the script runs in
+    config.add_arguments(parser, f"the run to check (default: {DEFAULT_CONFIG})", default=default)
     parser.add_argument("--accumulation-worker", metavar="DIR", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.config = args.config or str(ROOT / DEFAULT_CONFIG)
-    return args
+    return parser.parse_args(argv)
 
 
 # --- the Paddle build --------------------------------------------------------------------------------
