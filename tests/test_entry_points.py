@@ -1,6 +1,6 @@
-"""A script whose optional package is missing says which one and how to install it, in one line, and
-exits with 2 instead of a traceback. The scripts run as a user runs them, from another folder than the
-repository's; a package is made missing by a None in sys.modules, which makes its import fail."""
+"""The entry points as installed commands: each runs from any folder (here one outside the repository),
+and a script whose optional package is missing says which one and how to install it, in one line, and
+exits with 2 instead of a traceback (a None in sys.modules makes the package's import fail)."""
 
 import os
 import subprocess
@@ -9,6 +9,9 @@ import sys
 import pytest
 from run_helpers import ROOT
 
+ENTRY_POINTS = ["train.py", "eval.py"] + [
+    os.path.join("scripts", name) for name in sorted(os.listdir(os.path.join(ROOT, "scripts"))) if name.endswith(".py")
+]
 WITHOUT = (
     "import runpy, sys; sys.modules[{package!r}] = None; sys.argv = {argv!r}; "
     "runpy.run_path(sys.argv[0], run_name='__main__')"
@@ -25,6 +28,15 @@ def assert_one_line_naming(result, *words):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("error: ") and all(word in lines[0] for word in words), lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry_point", [name for name in ENTRY_POINTS if name != "scripts/torch_reference.py"])
+def test_every_entry_point_runs_from_another_folder(tmp_path, entry_point):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, entry_point), "--help"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr
 
 
 def test_torch_reference_help_without_torch(tmp_path):
