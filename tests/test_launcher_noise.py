@@ -15,7 +15,8 @@ from paddle.distributed import parallel
 @pytest.fixture
 def a_modified_flag():
     saved = paddle.get_flags(["FLAGS_use_stride_kernel"])
-    paddle.set_flags({"FLAGS_use_stride_kernel": not saved["FLAGS_use_stride_kernel"]})
+    default = paddle.base.core.globals().get_default("FLAGS_use_stride_kernel")
+    paddle.set_flags({"FLAGS_use_stride_kernel": not default})
     yield
     paddle.set_flags(saved)
 
