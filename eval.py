@@ -24,7 +24,6 @@ file is replaced atomically (rdrop/atomic.py): a full disk never leaves a trunca
 """
 
 import argparse
-import json
 import logging
 import os
 
@@ -82,8 +81,7 @@ def format_report(report):
 
 def write_json(report, path):
     try:
-        with atomic.replacing(path) as partial, open(partial, "w", encoding="utf-8") as stream:
-            json.dump(report, stream, indent=2)
+        atomic.write_json(path, report)
     except OSError as error:
         raise atomic.write_error("the metrics to --output", path, error) from None
     logger.info("Wrote the metrics to %s", os.path.abspath(path))

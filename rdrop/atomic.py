@@ -3,11 +3,12 @@
 The new version is written beside its target under a hidden name (`.<name>.partial`), flushed to disk
 and only then renamed to the target's name. A rename within one folder is atomic, so whoever looks
 finds either the previous complete version or the new complete one. Checkpoints, best weights,
-exports, eval.py's metrics and predict.py's results all go through `replacing`.
+exports, JSON results (`write_json`) and predict.py's results all go through `replacing`.
 """
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -77,6 +78,13 @@ def replacing(target):
         with contextlib.suppress(OSError):
             _remove(partial)
         raise
+
+
+def write_json(path, data, **dump_options):
+    """Replace the file `path` with `data` as indented JSON; `dump_options` go to `json.dump`."""
+    with replacing(path) as partial, open(partial, "w", encoding="utf-8") as stream:
+        json.dump(data, stream, indent=2, **dump_options)
+        stream.write("\n")
 
 
 def _reason(error):

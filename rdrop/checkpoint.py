@@ -58,8 +58,7 @@ def _restore_arrays(obj):
 
 
 def _write_json(data, path):
-    with open(path, "w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=2, sort_keys=True, default=_json_value)
+    atomic.write_json(path, data, sort_keys=True, default=_json_value)
 
 
 def _save_error(what, error):
@@ -103,8 +102,7 @@ def save_best(output_dir, model_state, metrics):
     try:
         with atomic.replacing(os.path.join(output_dir, BEST_WEIGHTS)) as partial:
             paddle.save(model_state, partial)
-        with atomic.replacing(os.path.join(output_dir, BEST_METRICS)) as partial:
-            _write_json(metrics, partial)
+        _write_json(metrics, os.path.join(output_dir, BEST_METRICS))
     except OSError as error:
         raise _save_error(f"the best weights in '{output_dir}'", error) from None
 

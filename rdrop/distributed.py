@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 from rdrop.errors import UserError
 
@@ -43,11 +44,48 @@ def init(use_fleet=True):
     launches of 3 CPU processes here, against 0 of 10 without them.
     """
     if dist.get_world_size() > 1:
-        if use_fleet:
-            fleet.init(is_collective=True)
-        else:
-            dist.init_parallel_env()
+        with _without_setup_chatter():
+            if use_fleet:
+                fleet.init(is_collective=True, log_level="WARNING")  # not its INFO lines on its topology
+            else:
+                dist.init_parallel_env()
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("PADDLE_LOCAL_RANK", "0")))
+
+
+class _WithoutFlagsBanner:
+    """sys.stderr without the banner joining writes of every Paddle flag that differs from its default
+    (rdrop/runtime.py changes one on purpose): its two rules, its `FLAGS(...)` lines and their newlines."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._in_banner = False
+
+    def write(self, text):
+        if "Modified FLAGS detected" in text:
+            self._in_banner = True
+        if not self._in_banner:
+            return self._stream.write(text)
+        if text.startswith("=") and "Modified FLAGS" not in text:
+            self._in_banner = False  # the closing rule
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _without_setup_chatter():
+    """Joining the job without Paddle's messages that ask nothing of the user: the flags banner, and
+    fleet's warning, on every rank, that the rank is not in the other ranks' one-rank groups of its
+    hybrid-parallel topology."""
+    stderr = sys.stderr
+    sys.stderr = _WithoutFlagsBanner(stderr)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Current global rank \d+ is not in group", category=UserWarning)
+            yield
+    finally:
+        sys.stderr = stderr
 
 
 class RankWatchdog:

@@ -25,6 +25,18 @@ class UserError(Exception):
     """A problem in the user's input, with a message that names it and the fix."""
 
 
+def exit_missing_dependency(error, needed_for, install):
+    """For the ImportError of a package only some scripts or options need: one line saying which package
+    is missing and how to install it, and exit code 2 (scripts import it before `main`)."""
+    print(
+        f"error: {needed_for} needs the Python package '{error.name}', which cannot be imported ({error}). "
+        f"Install it with {install}.",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(USER_ERROR_EXIT_CODE)
+
+
 def exit_on_user_error(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):

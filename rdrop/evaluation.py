@@ -15,6 +15,7 @@ from rdrop import checkpoint, distributed, logs, seeding
 from rdrop.loss import cross_entropy, symmetric_kl
 from rdrop.step import autocast
 
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 

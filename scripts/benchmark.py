@@ -42,15 +42,12 @@ import argparse
 import copy
 import json
 import os
-import pathlib
 import resource
 import statistics
 import subprocess
 import sys
-import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from rdrop import config, distributed, runtime
+from rdrop import atomic, benchmarking, config, distributed, runtime
 from rdrop.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error
 from rdrop.step import autocast, build_trainer
 
@@ -138,26 +135,6 @@ def mode_config(cfg, mode, compare_recompute):
     return cfg
 
 
-def timed(function, steps, warmup):
-    for _ in range(warmup):
-        function()
-    runtime.wait_for_device()
-    durations = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        function()
-        runtime.wait_for_device()
-        durations.append(time.perf_counter() - start)
-    return durations
-
-
-def random_batch(cfg, batch_size):
-    size = cfg["model"]["img_size"]
-    images = paddle.randn([batch_size, 3, size, size], dtype="float32")
-    labels = paddle.randint(0, cfg["model"]["num_classes"], [batch_size], dtype="int64")
-    return images, labels
-
-
 def peak_memory():
     """(bytes, what they measure) for this process so far."""
     if paddle.get_device().startswith("gpu"):
@@ -174,7 +151,7 @@ def measure(cfg, mode, steps, warmup):
     trainer = build_trainer(cfg, distributed.init(), model)
     load_before = os.getloadavg()
     if mode == "eval":
-        images, _ = random_batch(cfg, cfg["eval"]["batch_size"])
+        images, _ = benchmarking.random_batch(cfg, cfg["eval"]["batch_size"])
         trainer.ddp_model.eval()
 
         @paddle.no_grad()
@@ -184,14 +161,14 @@ def measure(cfg, mode, steps, warmup):
 
         images_per_step = cfg["eval"]["batch_size"]
     else:
-        micro_batches = [random_batch(cfg, train_cfg["micro_batch_size"])] * trainer.accumulation
+        micro_batches = [benchmarking.random_batch(cfg, train_cfg["micro_batch_size"])] * trainer.accumulation
         trainer.ddp_model.train()
 
         def run():
             trainer.train_step(micro_batches)
 
         images_per_step = train_cfg["global_batch_size"]
-    durations = timed(run, steps, warmup)
+    durations = benchmarking.time_calls(run, steps, warmup)
     memory, memory_measure = peak_memory()
     return {
         "mode": mode,
@@ -342,6 +319,8 @@ def print_table(result):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    if args.json:
+        atomic.check_writable(args.json, "--json")
     cfg = load_config(args)
     if args.only:
         print(json.dumps(measure(mode_config(cfg, args.only, args.recompute), args.only, args.steps, args.warmup)))
@@ -385,10 +364,12 @@ def main(argv=None):
         result["recompute_memory_saved_fraction"] = saved / without["peak_memory_bytes"]
         result["recompute_step_time_ratio"] = with_recompute["step_time_s"] / without["step_time_s"]
     print_table(result)
-    text = json.dumps(result)
-    print(text)
+    print(json.dumps(result))
     if args.json:
-        pathlib.Path(args.json).write_text(text + "\n")
+        try:
+            atomic.write_json(args.json, result)
+        except OSError as error:
+            raise atomic.write_error("the result to --json", args.json, error) from None
 
 
 if __name__ == "__main__":

@@ -17,13 +17,8 @@ reproducible estimate of the cost itself. Prints a table and, last, one JSON obj
 import argparse
 import dataclasses
 import json
-import pathlib
-import sys
-import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from rdrop import config, runtime
+from rdrop import atomic, benchmarking, config, runtime
 from rdrop.errors import exit_on_user_error
 
 import numpy as np
@@ -68,14 +63,9 @@ def random_image_set(count):
     return ImageSet(images, labels, tuple(str(i) for i in range(100)), "random images")
 
 
-def best_seconds(function, repeats):
+def best_seconds(function, repeats, warmup=0):
     """The fastest of `repeats` timed calls of function()."""
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        timings.append(time.perf_counter() - start)
-    return min(timings)
+    return min(benchmarking.time_calls(function, repeats, warmup))
 
 
 def seconds_per_image(samples, keys, batch_size, repeats):
@@ -109,11 +99,8 @@ def device_seconds_per_batch(function, batches, repeats):
     def run_batches():
         for _ in range(batches):
             function()
-        runtime.wait_for_device()
 
-    function()  # the first call compiles / allocates
-    runtime.wait_for_device()
-    return best_seconds(run_batches, repeats) / batches
+    return best_seconds(run_batches, repeats, warmup=1) / batches  # the first calls compile and allocate
 
 
 def measure(settings, images, batches, repeats, threads):
@@ -185,14 +172,18 @@ def print_table(result):
 @exit_on_user_error
 def main():
     args = parse_args()
+    if args.json:
+        atomic.check_writable(args.json, "--json")
     threads = runtime.configure_cpu(args.threads)
     _, settings = settings_from(args)
     result = measure(settings, args.images, args.batches, args.repeats, threads)
     print_table(result)
-    text = json.dumps(result, sort_keys=True)
-    print(text)
+    print(json.dumps(result, sort_keys=True))
     if args.json:
-        pathlib.Path(args.json).write_text(text + "\n")
+        try:
+            atomic.write_json(args.json, result, sort_keys=True)
+        except OSError as error:
+            raise atomic.write_error("the result to --json", args.json, error) from None
 
 
 if __name__ == "__main__":

@@ -39,19 +39,17 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from rdrop import atomic, checkpoint, comparison, config, logs
+from rdrop.errors import UserError, exit_missing_dependency, exit_on_user_error
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display needed
-
-from rdrop import atomic, checkpoint, config, logs
-from rdrop.errors import UserError, exit_on_user_error
-
-import matplotlib.pyplot as plt
 import numpy as np
-from scipy import stats
+
+try:
+    from matplotlib.figure import Figure
+except ImportError as error:
+    exit_missing_dependency(error, "scripts/compare.py (for comparison.png)", "pip install -r requirements.txt")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent  # where train.py and eval.py are
 
 logger = logging.getLogger("compare")
 
@@ -59,7 +57,6 @@ GRID_FILE = "grid.json"  # the grid's definition, so --table-only needs only the
 TEST_METRICS = "test_metrics.json"
 TIMING_FILE = "compare_timing.json"
 DEFAULT_ARMS = [["baseline", "rdrop.alpha=0"], ["rdrop"]]
-CONFIDENCE = 0.95
 # (key, column header, how to read it from the run's record)
 METRICS = (
     ("top1", "test top-1 %", lambda run: run["test"]["top1"]),
@@ -196,7 +193,7 @@ class Subprocesses:
             self.child.send_signal(signum)
 
     def run(self, command):
-        self.child = subprocess.Popen(command, cwd=ROOT)
+        self.child = subprocess.Popen(command)
         while True:
             try:
                 code = self.child.wait()
@@ -212,11 +209,6 @@ def read_json(path):
         return json.load(stream)
 
 
-def write_json(data, path):
-    with atomic.replacing(path) as partial, open(partial, "w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=2)
-
-
 def train_run(grid, arm, seed, folder, processes):
     log = os.path.join(folder, "train.log")
     args = ["--config", arm["config"]]
@@ -225,7 +217,7 @@ def train_run(grid, arm, seed, folder, processes):
     timing_path = os.path.join(folder, TIMING_FILE)
     timing = read_json(timing_path) if os.path.exists(timing_path) else {"attempts": []}
     load_start, start = os.getloadavg(), time.perf_counter()
-    code = processes.run(script_command(grid["launcher"], os.path.join(folder, "launch"), "train.py", args))
+    code = processes.run(script_command(grid["launcher"], os.path.join(folder, "launch"), str(ROOT / "train.py"), args))
     os.makedirs(folder, exist_ok=True)
     timing["attempts"].append(
         {
@@ -235,7 +227,7 @@ def train_run(grid, arm, seed, folder, processes):
             "load_average_end": os.getloadavg(),
         }
     )
-    write_json(timing, timing_path)
+    atomic.write_json(timing_path, timing)
     return code, log
 
 
@@ -256,7 +248,9 @@ def evaluate_run(grid, folder, processes):
     ]
     if grid["consistency"]:
         args += ["--consistency", str(grid["consistency"])]
-    return processes.run(script_command(grid["launcher"], os.path.join(folder, "launch_eval"), "eval.py", args))
+    return processes.run(
+        script_command(grid["launcher"], os.path.join(folder, "launch_eval"), str(ROOT / "eval.py"), args)
+    )
 
 
 def stop_if_failed(code, what, arm, seed, folder, log, processes):
@@ -332,60 +326,13 @@ def collect_runs(grid, output_dir):
     return runs, missing
 
 
-def describe(values):
-    """Mean and sample standard deviation (n - 1); the deviation is nan for a single value."""
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
-
-
-def paired_t_interval(differences, confidence=CONFIDENCE):
-    """Mean paired difference, its standard deviation, and the paired-t interval
-    mean ± t((1 + confidence) / 2, n - 1) · sd / sqrt(n); the interval is nan below two pairs."""
-    mean, sd = describe(differences)
-    n = len(differences)
-    if n < 2:
-        return mean, sd, math.nan, math.nan
-    half_width = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
-    return mean, sd, mean - half_width, mean + half_width
-
-
 def summarise(grid, runs):
-    """Per arm and metric: n, mean, std and the per-seed values; per pair of arms (later minus earlier)
-    and metric: the paired difference over the seeds both finished, with its interval."""
-    names = [arm["name"] for arm in grid["arms"]]
+    """The statistics (rdrop/comparison.py) of the metrics some run measured, per arm and per pair of arms."""
     value = {(run["arm"], run["seed"], key): read(run) for run in runs for key, _, read in METRICS}
     metrics = [
         key for key, _, _ in METRICS if any(v is not None and math.isfinite(v) for k, v in value.items() if k[2] == key)
     ]
-    arms, pairs = [], []
-    for name in names:
-        for key in metrics:
-            per_seed = {seed: value[name, seed, key] for seed in grid["seeds"] if (name, seed, key) in value}
-            if per_seed:
-                mean, std = describe(list(per_seed.values()))
-                arms.append(
-                    {"arm": name, "metric": key, "n": len(per_seed), "mean": mean, "std": std, "per_seed": per_seed}
-                )
-    for first_index, first in enumerate(names):
-        for second in names[first_index + 1 :]:
-            for key in metrics:
-                seeds = [s for s in grid["seeds"] if (first, s, key) in value and (second, s, key) in value]
-                if not seeds:
-                    continue
-                differences = [value[second, s, key] - value[first, s, key] for s in seeds]
-                mean, std, low, high = paired_t_interval(differences)
-                pairs.append(
-                    {
-                        "pair": f"{second} - {first}",
-                        "metric": key,
-                        "n": len(seeds),
-                        "mean": mean,
-                        "std": std,
-                        "ci_low": low,
-                        "ci_high": high,
-                        "per_seed": dict(zip(seeds, differences)),
-                    }
-                )
+    arms, pairs = comparison.summarise([arm["name"] for arm in grid["arms"]], grid["seeds"], metrics, value)
     return {"metrics": metrics, "arms": arms, "pairs": pairs}
 
 
@@ -410,7 +357,7 @@ def format_table(summary):
             )
     if summary["pairs"]:
         lines.append(
-            f"Paired differences over seeds: mean, {CONFIDENCE:.0%} paired-t interval "
+            f"Paired differences over seeds: mean, {comparison.CONFIDENCE:.0%} paired-t interval "
             f"(mean ± t(0.975, n-1) · sd / sqrt(n)), n seeds"
         )
         for key in summary["metrics"]:
@@ -456,7 +403,7 @@ def write_outputs(output_dir, grid, runs, summary, table):
         "runs": [{k: v for k, v in run.items() if k != "test"} | {m: r(run) for m, _, r in METRICS} for run in runs],
         **summary,
     }
-    write_json(results, os.path.join(output_dir, "results.json"))
+    atomic.write_json(os.path.join(output_dir, "results.json"), results)
     plot(summary, os.path.join(output_dir, "comparison.png"))
 
 
@@ -466,7 +413,8 @@ def plot(summary, path):
     keys = summary["metrics"]
     columns = min(len(keys), 3)
     rows_of_panels = math.ceil(len(keys) / columns)
-    figure, axes = plt.subplots(rows_of_panels, columns, figsize=(3.6 * columns, 3.2 * rows_of_panels), squeeze=False)
+    figure = Figure(figsize=(3.6 * columns, 3.2 * rows_of_panels))
+    axes = figure.subplots(rows_of_panels, columns, squeeze=False)
     for axis in axes.flat[len(keys) :]:
         axis.set_visible(False)
     for axis, key in zip(axes.flat, keys):
@@ -492,7 +440,6 @@ def plot(summary, path):
     figure.suptitle("grey: one seed across arms", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 @exit_on_user_error
@@ -515,7 +462,7 @@ def main(argv=None):
     if not args.table_only:
         try:
             os.makedirs(output_dir, exist_ok=True)
-            write_json(grid, grid_path)
+            atomic.write_json(grid_path, grid)
         except OSError as error:
             raise UserError(
                 f"Cannot write to --output-dir '{output_dir}' ({error.strerror or error}). Choose a writable folder."

@@ -29,6 +29,7 @@ where there is one.
 import argparse
 import copy
 import importlib.metadata
+import json
 import logging
 import os
 import pathlib
@@ -38,8 +39,7 @@ import tempfile
 import traceback
 from typing import NamedTuple
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from rdrop import config, distributed
+from rdrop import benchmarking, config, distributed
 from rdrop.errors import exit_on_user_error
 from rdrop.run_state import RunState
 from rdrop.step import autocast, build_trainer
@@ -49,9 +49,8 @@ import paddle
 
 import models
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import benchmark
-
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCHMARK = ROOT / "scripts" / "benchmark.py"
 DEFAULT_CONFIG = "configs/vit_b16_cifar100_rdrop.yaml"
 # bf16 keeps 8 significant bits (a relative rounding error of 2**-9 per operation): this allows the
 # logits about 25 such errors' worth of drift through the encoder, while a broken kernel or layout
@@ -83,7 +82,8 @@ def skipped(detail):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(parser, f"the run to check (default: {DEFAULT_CONFIG})", default=DEFAULT_CONFIG)
+    default = str(ROOT / DEFAULT_CONFIG)  # the repository's, from whatever folder the script runs in
+    config.add_arguments(parser, f"the run to check (default: {DEFAULT_CONFIG})", default=default)
     parser.add_argument("--accumulation-worker", metavar="DIR", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -203,7 +203,7 @@ def check_attention(cfg):
     model = models.build_model(cfg["model"], seed=cfg["train"]["seed"])
     paddle.nn.initializer.Normal(std=model.embed_dim**-0.5)(model.head.weight)  # the zero head gives zero logits
     model.eval()
-    images, _ = benchmark.random_batch(cfg, cfg["train"]["micro_batch_size"])
+    images, _ = benchmarking.random_batch(cfg, cfg["train"]["micro_batch_size"])
 
     def bf16_logits():
         with paddle.no_grad(), autocast("bf16"):
@@ -258,7 +258,7 @@ def check_bf16_steps(cfg):
         return failed(bf16_unsupported())
     cfg = one_micro_batch_per_step(cfg, "bf16", BF16_STEPS)
     trainer = build(cfg, distributed.Context(0, 1))
-    micro_batch = benchmark.random_batch(cfg, cfg["train"]["micro_batch_size"])
+    micro_batch = benchmarking.random_batch(cfg, cfg["train"]["micro_batch_size"])
     losses, finite = run_steps(trainer, micro_batch, BF16_STEPS)
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     summary = (
@@ -275,7 +275,7 @@ def check_bf16_steps(cfg):
 
 def check_fp16_resume(cfg):
     cfg = one_micro_batch_per_step(cfg, "fp16", 8)
-    micro_batch = benchmark.random_batch(cfg, cfg["train"]["micro_batch_size"])
+    micro_batch = benchmarking.random_batch(cfg, cfg["train"]["micro_batch_size"])
     trainer = build(cfg, distributed.Context(0, 1))
     run_steps(trainer, micro_batch, 3)
     saved = trainer.scaler.state_dict()
@@ -400,19 +400,25 @@ def check_accumulation(gpu=True):
 
 
 def check_speed(args, cfg):
-    measure_args = argparse.Namespace(config=args.config, override=args.override, steps=3, warmup=1, recompute=True)
-    device = benchmark.device_description()
-    peak = benchmark.default_peak_tflops(device, cfg["train"]["amp"])
+    """scripts/benchmark.py's R-Drop step with and without train.recompute, each in a fresh process."""
+    with tempfile.TemporaryDirectory() as folder:
+        output = os.path.join(folder, "benchmark.json")
+        command = [sys.executable, str(BENCHMARK), "--config", args.config, "--modes", "rdrop", "--recompute"]
+        command += [*(word for override in args.override for word in ("-o", override)), "--steps", "3"]
+        result = subprocess.run([*command, "--warmup", "1", "--json", output], capture_output=True, text=True)
+        if result.returncode != 0:
+            return failed(f"scripts/benchmark.py failed (exit code {result.returncode}): {result.stderr[-1500:]}")
+        with open(output, encoding="utf-8") as stream:
+            measured = json.load(stream)
+    peak = measured["peak_tflops"]
     parts = []
-    for mode in ("rdrop", "rdrop_recompute"):
-        mode_cfg = benchmark.mode_config(cfg, mode, compare_recompute=True)
-        row = benchmark.summarise(mode_cfg, benchmark.run_isolated(measure_args, mode), peak)
+    for mode, row in measured["modes"].items():
         utilisation = f"{100 * row['utilisation']:.0f}% of {peak:g} TFLOP/s" if peak else "peak unknown"
         parts.append(
             f"{'with' if mode == 'rdrop_recompute' else 'without'} recompute {row['img_per_s']:.0f} img/s, "
             f"{row['peak_memory_bytes'] / 2**30:.1f} GiB, {utilisation}"
         )
-    return passed(f"{device}, amp {cfg['train']['amp']}: " + "; ".join(parts))
+    return passed(f"{measured['device']}, amp {cfg['train']['amp']}: " + "; ".join(parts))
 
 
 # --- the table -------------------------------------------------------------------------------------------
@@ -470,7 +476,7 @@ def main(argv=None):
     if args.accumulation_worker:
         accumulation_worker(args.accumulation_worker)
         return 0
-    cfg = benchmark.load_config(args)
+    cfg = config.load(args.config, args.override)
     results = run_checks(args, cfg)
     print_table(results)
     return 1 if any(result.status == "FAIL" for result in results.values()) else 0

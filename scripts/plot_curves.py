@@ -23,19 +23,15 @@ import glob
 import logging
 import os
 import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display needed
 
 from rdrop import logs
-from rdrop.errors import UserError, exit_on_user_error
+from rdrop.errors import UserError, exit_missing_dependency, exit_on_user_error
 
-import matplotlib.pyplot as plt
-from visualdl import LogReader
+try:
+    from matplotlib.figure import Figure
+    from visualdl import LogReader
+except ImportError as error:
+    exit_missing_dependency(error, "scripts/plot_curves.py", "pip install -r requirements.txt")
 
 logger = logging.getLogger("plot_curves")
 
@@ -122,7 +118,8 @@ def run_labels(run_dirs):
 
 def plot(runs, output):
     """Draw {label: {panel: (steps, values, split)}} into `output`; returns {panel: legend entries drawn}."""
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4.5), constrained_layout=True)
+    figure = Figure(figsize=(6 * len(PANELS), 4.5), layout="constrained")
+    axes = figure.subplots(1, len(PANELS))
     drawn = {}
     for axis, (panel, title) in zip(axes, PANELS):
         drawn[panel] = []
@@ -147,8 +144,6 @@ def plot(runs, output):
         raise UserError(
             f"Cannot write the figure to --output '{output}' ({error.strerror or error}). Choose a writable path."
         ) from None
-    finally:
-        plt.close(figure)
     return drawn
 
 

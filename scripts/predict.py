@@ -2,6 +2,7 @@
 
     python scripts/predict.py --model exported/run photo.jpg other.png
     python scripts/predict.py --model exported/run --top 3 images/ --output predictions.csv
+    python scripts/predict.py --model exported/run --runtime onnx photo.jpg    # model.onnx, by onnxruntime
 
 Each argument is an image file or a folder; a folder contributes its image files (PNG, JPEG, BMP, GIF,
 TIFF, WebP, PPM/PGM, by extension) and those of its subfolders, in sorted order. Each image's line on
@@ -16,21 +17,21 @@ same function (`data.transforms.resized_crop` on the whole image): resized to th
 with bilinear sampling, then normalised. Like evaluation, the whole image is resized to a square (no
 centre crop), and there is no anti-aliasing when shrinking: the model was fine-tuned on 32 x 32
 CIFAR images enlarged to img_size, so photos far larger than that are a different input distribution.
+
+--runtime onnx runs the export's model.onnx (written by export.py --onnx) through onnxruntime instead of
+Paddle: pip install -r requirements/export.txt.
 """
 
 import argparse
 import csv
 import json
 import os
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from rdrop import atomic, exported, runtime
+from rdrop import atomic, inference, runtime
 from rdrop.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error
 
 import numpy as np
-import paddle
 from PIL import Image, ImageOps
 
 from data import transforms
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="folder written by scripts/export.py")
     parser.add_argument("--top", type=int, default=5, help="classes to report per image (default 5)")
     parser.add_argument("--output", help="also write all results to this .json or .csv file")
+    parser.add_argument(
+        "--runtime", choices=inference.RUNTIMES, default="paddle", help="run the Paddle model or model.onnx"
+    )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of them")
     return parser.parse_args(argv)
 
@@ -56,14 +60,16 @@ def _not_exported(model_dir, problem):
     )
 
 
-def read_metadata(model_dir):
-    """(program prefix, img_size, class names) from the export's metadata.json, checked."""
-    path = os.path.join(model_dir, exported.METADATA_FILE)
+def read_metadata(model_dir, runtime_name):
+    """(img_size, class names) from the export's metadata.json, checked, for running it with `runtime_name`."""
+    path = os.path.join(model_dir, inference.METADATA_FILE)
     try:
         with open(path, encoding="utf-8") as stream:
             metadata = json.load(stream)
-        program = os.path.join(model_dir, metadata["program_file"])
-        params = os.path.join(model_dir, metadata["params_file"])
+        if runtime_name == "onnx":
+            model_files = [os.path.join(model_dir, metadata["onnx_file"] or inference.ONNX_FILE)]
+        else:
+            model_files = [os.path.join(model_dir, metadata[key]) for key in ("program_file", "params_file")]
         img_size, class_names = metadata["img_size"], metadata["class_names"]
         normalisation = (metadata["mean"], metadata["std"], metadata["pixel_scale"])
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -72,9 +78,10 @@ def read_metadata(model_dir):
         raise _not_exported(model_dir, f"img_size in {path} is {img_size!r}, not a positive whole number")
     if not isinstance(class_names, list) or not class_names or not all(isinstance(n, str) for n in class_names):
         raise _not_exported(model_dir, f"class_names in {path} is not a non-empty list of names")
-    for file in (program, params):
+    for file in model_files:
         if not os.path.isfile(file):
-            raise _not_exported(model_dir, f"{file} is missing")
+            without_onnx = " (export.py writes it with --onnx)" if runtime_name == "onnx" else ""
+            raise _not_exported(model_dir, f"{file} is missing{without_onnx}")
     # The pixels are prepared by data.transforms below; a model exported with another normalisation
     # would silently get wrong inputs.
     expected = ([transforms.MEAN] * 3, [transforms.STD] * 3, 255.0)
@@ -92,22 +99,28 @@ def read_metadata(model_dir):
             f"{expected[0]}, std {expected[1]} on pixels / {expected[2]}. Use the predict.py of the "
             f"version that exported it, or export it again."
         )
-    return os.path.splitext(program)[0], img_size, class_names
+    return img_size, class_names
 
 
-def load_model(model_dir):
-    """The exported model and its (img_size, class names), checked by classifying one blank image."""
-    prefix, img_size, class_names = read_metadata(model_dir)
+def load_model(model_dir, runtime_name="paddle"):
+    """A function from a batch of preprocessed images to logits, running the export through
+    `runtime_name`, and the export's (img_size, class names); checked by classifying one blank image."""
+    if runtime_name == "onnx":
+        (onnxruntime,) = inference.import_packages(("onnxruntime",), "--runtime onnx")
+    img_size, class_names = read_metadata(model_dir, runtime_name)
     try:
-        model = paddle.jit.load(prefix)
-        model.eval()
-        with paddle.no_grad():
-            width = model(paddle.zeros([1, 3, img_size, img_size])).shape[-1]
-    except Exception as error:  # truncated or edited files fail deep inside Paddle, with many types
+        model = (
+            inference.onnx_runner(model_dir, onnxruntime)
+            if runtime_name == "onnx"
+            else inference.paddle_runner(model_dir)
+        )
+        width = model(np.zeros([1, 3, img_size, img_size], np.float32)).shape[-1]
+    except Exception as error:  # truncated or edited files fail deep inside the runtime, with many types
         message = " ".join(str(error).split())[:300]
+        name = "onnxruntime" if runtime_name == "onnx" else "Paddle"
         raise _not_exported(
             model_dir,
-            f"Paddle cannot load or run it on {img_size} x {img_size} images ({type(error).__name__}: {message})",
+            f"{name} cannot load or run it on {img_size} x {img_size} images ({type(error).__name__}: {message})",
         ) from None
     if width != len(class_names):
         raise _not_exported(
@@ -165,35 +178,34 @@ def classify(model, img_size, class_names, paths, top):
             results[path] = (None, str(error))
     for start in range(0, len(readable), BATCH_SIZE):
         chunk = readable[start : start + BATCH_SIZE]
-        with paddle.no_grad():
-            logits = model(paddle.to_tensor(np.stack([pixels for _, pixels in chunk])))
-        for (path, _), row in zip(chunk, softmax(logits.numpy().astype(np.float64))):
+        logits = model(np.stack([pixels for _, pixels in chunk]))
+        for (path, _), row in zip(chunk, softmax(logits.astype(np.float64))):
             best = np.argsort(-row, kind="stable")[:top]
             results[path] = ([(class_names[i], float(row[i])) for i in best], None)
     return results
 
 
-def predict(model_dir, arguments, top=5):
+def predict(model_dir, arguments, top=5, runtime_name="paddle"):
     """[(path, ranked or None, error or None)] in argument order, folders expanded (see the module doc)."""
-    model, img_size, class_names = load_model(model_dir)
+    model, img_size, class_names = load_model(model_dir, runtime_name)
     found = image_files(arguments)
     results = classify(model, img_size, class_names, [path for path, error in found if error is None], top)
     return [(path, *results[path]) if error is None else (path, None, error) for path, error in found]
 
 
 def write_output(results, path, top):
+    if path.lower().endswith(".json"):
+        rows = [
+            {
+                "file": file,
+                "predictions": [{"class": name, "probability": p} for name, p in ranked or []],
+                "error": error,
+            }
+            for file, ranked, error in results
+        ]
+        atomic.write_json(path, rows)
+        return
     with atomic.replacing(path) as partial, open(partial, "w", encoding="utf-8", newline="") as stream:
-        if path.lower().endswith(".json"):
-            rows = [
-                {
-                    "file": file,
-                    "predictions": [{"class": name, "probability": p} for name, p in ranked or []],
-                    "error": error,
-                }
-                for file, ranked, error in results
-            ]
-            json.dump(rows, stream, indent=2)
-            return
         writer = csv.writer(stream)
         writer.writerow(
             ["file", "error"] + [f"{field}_{k}" for k in range(1, top + 1) for field in ("class", "probability")]
@@ -212,7 +224,7 @@ def main(argv=None):
             raise UserError(f"--output '{args.output}' must end in .json or .csv, which selects the format.")
         atomic.check_writable(args.output, "--output")
     runtime.configure_cpu()
-    results = predict(args.model, args.images, args.top)
+    results = predict(args.model, args.images, args.top, args.runtime)
     for path, ranked, error in results:
         if error is None:
             print(f"{path}: " + ", ".join(f"{name} {100.0 * p:.2f} %" for name, p in ranked), flush=True)

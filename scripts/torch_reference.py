@@ -22,9 +22,15 @@ step_time_s (the mean over --steps timed steps after --warmup untimed ones), bat
 
 import argparse
 import json
+import sys
 import time
 
-import torch
+try:
+    import torch
+except ImportError as error:
+    # Not through rdrop.errors: importing rdrop imports Paddle, which this measurement of PyTorch must not load.
+    print(f"error: scripts/torch_reference.py needs PyTorch ({error}): pip install torch==2.13.0", file=sys.stderr)
+    sys.exit(2)
 import torch.nn.functional as F
 from torch import nn
 

@@ -256,7 +256,7 @@ def test_output_is_checked_before_the_evaluation_and_never_left_half_written(tmp
         stream.write('{"top1": ')
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(evaluate_script.json, "dump", full_disk_dump)
+    monkeypatch.setattr(evaluate_script.atomic.json, "dump", full_disk_dump)
     code, message = run_eval(capsys, "--checkpoint", checkpoint, "--output", str(metrics_path))
     assert code == 2 and "No space left on device" in message and str(metrics_path) in message
     assert metrics_path.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == [

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import zlib
 
+from rdrop import inference
+
 import numpy as np
 import onnxruntime
 import paddle
@@ -52,7 +54,7 @@ def softmax(logits):
 def test_exported_model_reproduces_the_dynamic_model(exported):
     _, cfg, model, output, result = exported
     assert set(result["max_abs_difference"]) == {"paddle", "onnx"}
-    assert max(result["max_abs_difference"].values()) <= export.TOLERANCE
+    assert max(result["max_abs_difference"].values()) <= inference.TOLERANCE
     assert sorted(os.listdir(output.parent)) == ["exported", "run", "run.yaml"]  # no temporary folder left
     metadata = json.loads((output / "metadata.json").read_text())
     assert metadata["img_size"] == 16 and metadata["num_classes"] == 100
@@ -103,6 +105,25 @@ def test_predict_on_png_files_matches_evaluation(exported, tmp_path, capsys):
         assert error is None and [name for name, _ in ranked] == names
         np.testing.assert_allclose([p for _, p in ranked], probabilities, rtol=0, atol=1e-5)
         assert line.startswith(f"{path}: {names[0]} {100 * probabilities[0]:.2f} %, {names[1]} ")
+
+
+def test_predict_through_onnxruntime_ranks_as_the_paddle_model(exported, tmp_path):
+    output = exported[3]
+    images = [str(save_png(tmp_path / f"{index}.png", index)) for index in range(3)]
+    through_paddle = predict.predict(str(output), images, top=5)
+    through_onnx = predict.predict(str(output), images, top=5, runtime_name="onnx")
+    for (path, paddle_ranked, _), (onnx_path, onnx_ranked, error) in zip(through_paddle, through_onnx):
+        assert onnx_path == path and error is None
+        assert [name for name, _ in onnx_ranked] == [name for name, _ in paddle_ranked]
+        np.testing.assert_allclose([p for _, p in onnx_ranked], [p for _, p in paddle_ranked], rtol=0, atol=1e-5)
+
+
+def test_onnx_predict_of_an_export_without_onnx_says_how_to_export_it(exported, tmp_path, capsys):
+    without_onnx = tmp_path / "exported"
+    shutil.copytree(exported[3], without_onnx)
+    os.remove(without_onnx / inference.ONNX_FILE)
+    code, _, err = run_script(predict, capsys, "--model", without_onnx, "--runtime", "onnx", tmp_path)
+    assert code == 2 and "model.onnx is missing (export.py writes it with --onnx)" in err
 
 
 def test_predict_resizes_other_sizes_and_jpeg_as_evaluation_would(exported, tmp_path):
@@ -290,7 +311,7 @@ def test_a_failed_export_leaves_the_previous_export_intact(exported, tmp_path, c
 
     monkeypatch.setattr(paddle.jit, "save", failing_save)
     if failure == "onnx_disk_full":
-        monkeypatch.setattr(export, "write_onnx", failing_onnx_write)
+        monkeypatch.setattr(inference, "write_onnx", failing_onnx_write)
     code, _, err = run_script(export, capsys, "--checkpoint", checkpoint_of(exported), "--output", previous, "--onnx")
     assert code == 2 and "Traceback" not in err and err.strip().count("\n") == 0
     assert ("cannot be read back" if failure == "silently_truncated" else "No space left on device") in err
@@ -319,14 +340,14 @@ def test_export_refuses_an_unwritable_output_before_any_work(exported, tmp_path,
 
 
 def test_onnx_export_without_its_packages_says_what_to_install(exported, tmp_path, capsys, monkeypatch):
-    real_import = export.importlib.import_module
+    real_import = inference.importlib.import_module
 
     def without_paddle2onnx(name, *args):
         if name == "paddle2onnx":
             raise ModuleNotFoundError("No module named 'paddle2onnx'")
         return real_import(name, *args)
 
-    monkeypatch.setattr(export.importlib, "import_module", without_paddle2onnx)
+    monkeypatch.setattr(inference.importlib, "import_module", without_paddle2onnx)
     code, _, err = run_script(
         export, capsys, "--checkpoint", checkpoint_of(exported), "--output", tmp_path / "o", "--onnx"
     )

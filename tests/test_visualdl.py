@@ -4,7 +4,7 @@ killed and resumed, and a hyper-parameter table with names the page displays.
 
 The page itself is checked by hand, not here (CI would need a browser): with a run in output/,
 
-    visualdl --logdir output --host 127.0.0.1 --port 8040 &
+    visualdl --logdir output --host 127.0.0.1 --port 8040 --language en &
     chromium --headless --no-sandbox --disable-gpu --window-size=1600,1000 --virtual-time-budget=15000 \
         --user-data-dir=$(mktemp -d) --screenshot=scalars.png http://127.0.0.1:8040/app/scalar
 
