@@ -1,13 +1,10 @@
 """Learning-rate schedules as functions of the optimizer step, scaled to the configured peak.
 
-`learning_rate(schedule_cfg, peak_lr, t)` is the schedule of the public R-Drop ViT code: linear warmup
-from 0 to the peak over `warmup_steps`, then cosine or linear decay to 0 at `total_steps` (or
-`constant`). That code steps its scheduler before the optimizer, so the update of optimizer step k
-(0-based) uses the schedule at t = k + 1: the first update already has peak / warmup_steps (1.6e-5 in
-the paper recipe), the peak is reached by update warmup_steps - 1, and the last update has rate 0.
-`WarmupDecay` wraps it as a Paddle LRScheduler, so the optimizer, the checkpoint and the logs all see
-the same absolute value: the existing Paddle port of this paper returned only the multiplier from
-`get_lr()`, which silently replaced its configured learning rate with 1.0 x the schedule.
+`learning_rate(schedule_cfg, peak_lr, t)` is the public R-Drop ViT code's schedule: linear warmup to
+the peak, then cosine or linear decay to 0 (or `constant`). Like that code, the update of optimizer
+step k (0-based) uses t = k + 1, so the first update already has peak / warmup_steps and the last has
+0. `WarmupDecay` wraps it as a Paddle LRScheduler that returns the absolute rate, not the multiplier,
+so the optimizer, the checkpoint and the logs all see the configured value.
 """
 
 import logging
