@@ -86,7 +86,7 @@ def _build_and_load(name):
                 except Exception:  # e.g. a build killed while linking: build it again
                     pass
         # Outside the capture, so the console says why it is silent for the next 25 s.
-        logger.info("Compiling the CPU kernels (models/cpu_kernels.cc), once for this machine: about 25 s")
+        logger.info("Compiling the CPU kernels (models/cpu_kernels.cc) once: ~25 s on a quiet machine, 66 s under load")
         with _captured_output() as output:
             try:
                 return load(

@@ -1,13 +1,13 @@
-"""Linear, LayerNorm, GELU and Dropout layers for the ViT: Paddle's own, plus faster paths for eager
-float32 training and evaluation on the CPU.
+"""FastCpuLinear, FastCpuLayerNorm, FastCpuGELU and FastCpuDropout: Paddle's Linear, LayerNorm, GELU
+and Dropout with faster paths for eager float32 training and evaluation on the CPU.
 
 Each layer computes the same function with the same parameters (names and shapes) as Paddle's. When
 the input is an eager float32 CPU tensor and `use_cpu_kernels` is on (`model.cpu_kernels`), the
 work goes to the compiled kernels of models/cpu_kernels.cc, or for Linear to a matrix-vector bias
 gradient; anywhere else (GPU, other dtypes, static programs such as export) Paddle's kernels run.
 
-What the compiled kernels do differently is said in models/cpu_kernels.cc; the measured gains
-(2-4x per layer, 1.6x on the whole R-Drop step) are in docs/performance.md.
+What the compiled kernels do differently is said in models/cpu_kernels.cc; what they gain is
+measured in docs/performance.md.
 """
 
 import paddle
@@ -48,7 +48,7 @@ def _rows(tensor):
 class _AffineWithMatvecBiasGradient(PyLayer):
     """inputs @ weight + bias as one GEMM that starts from the bias (addmm); the bias gradient is
     ones @ output gradient, a matrix-vector product, where Paddle's CPU kernel sums rows in a slow
-    strided loop (32 ms vs 2.4 ms for the fc1 gradient above)."""
+    strided loop."""
 
     @staticmethod
     def forward(ctx, inputs, weight, bias):
@@ -71,14 +71,14 @@ class _AffineWithMatvecBiasGradient(PyLayer):
         )
 
 
-class Linear(nn.Linear, CpuKernelLayer):
+class FastCpuLinear(nn.Linear, CpuKernelLayer):
     def forward(self, inputs):
         if self.bias is None or not self.fast_cpu_path(inputs):
             return super().forward(inputs)
         return _AffineWithMatvecBiasGradient.apply(inputs, self.weight, self.bias)
 
 
-class LayerNorm(nn.LayerNorm, CpuKernelLayer):
+class FastCpuLayerNorm(nn.LayerNorm, CpuKernelLayer):
     """Over the last axis, with weight and bias (as every LayerNorm of the ViT)."""
 
     def forward(self, inputs):
@@ -89,7 +89,7 @@ class LayerNorm(nn.LayerNorm, CpuKernelLayer):
         return out
 
 
-class GELU(CpuKernelLayer):
+class FastCpuGELU(CpuKernelLayer):
     """The exact (erf) GELU."""
 
     def forward(self, inputs):
@@ -99,7 +99,7 @@ class GELU(CpuKernelLayer):
         return kernels.rdrop_gelu(inputs)
 
 
-class Dropout(CpuKernelLayer):
+class FastCpuDropout(CpuKernelLayer):
     """Element-wise dropout, scaled by 1 / (1 - rate) in training (nn.Dropout's default mode)."""
 
     def __init__(self, rate):

@@ -11,25 +11,20 @@ Dropout follows the public R-Drop ViT code (dropreg/R-Drop vit_src/models/modeli
 code's `attention_dropout_rate` serves both). Stochastic depth (`drop_path`, per sample) grows
 linearly over the blocks, as in timm, and is off by default.
 
-Initialisation is Google's from-scratch recipe (vision_transformer models_vit.py): Xavier-uniform
-Linear weights (q, k and v each as its own D x D matrix), MLP biases normal(std=1e-6), other biases
-zero, LeCun-normal patch embedding, zero class token, normal(std=0.02) position embedding, zero head.
-The zero head is also what Google pre-trains with from scratch: the first loss is exactly ln(classes),
-and on a small from-scratch run (sklearn digits) it trained as well as a Xavier-initialised head.
-
-Linear, LayerNorm, GELU and Dropout come from models/layers.py: Paddle's, with faster paths for eager
-float32 on the CPU (`cpu_kernels`); attention takes flash attention through SDPA on GPUs.
+The initialisation, Google's from-scratch recipe, is written once: `VisionTransformer.init_weights`.
+Linear, LayerNorm, GELU and Dropout are models/layers.py's FastCpu* layers: Paddle's, with faster
+paths for eager float32 on the CPU (`cpu_kernels`); attention takes flash attention through SDPA on GPUs.
 """
 
+import contextlib
 import math
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from paddle.amp.auto_cast import amp_global_state
 from paddle.distributed.fleet.utils import recompute as recompute_activations
 
-from .layers import GELU, CpuKernelLayer, Dropout, LayerNorm, Linear
+from .layers import CpuKernelLayer, FastCpuDropout, FastCpuGELU, FastCpuLayerNorm, FastCpuLinear
 
 LAYER_NORM_EPSILON = 1e-6
 
@@ -38,17 +33,16 @@ LAYER_NORM_EPSILON = 1e-6
 TRUNCATED_NORMAL_STD_CORRECTION = 0.87962566103423978
 
 
-def _zeros():
-    return nn.initializer.Constant(0.0)
-
-
-def _linear(in_features, out_features, weight_init=None, bias_init=None):
-    return Linear(
-        in_features,
-        out_features,
-        weight_attr=paddle.ParamAttr(initializer=weight_init or nn.initializer.XavierUniform()),
-        bias_attr=paddle.ParamAttr(initializer=bias_init or _zeros()),
-    )
+@contextlib.contextmanager
+def _created_as_zeros():
+    """Parameters created inside are zeros, drawing no random numbers: init_weights alone decides the
+    initial weights and the draws they take from Paddle's generator."""
+    zeros = nn.initializer.Constant(0.0)
+    nn.initializer.set_global_initializer(zeros, zeros)
+    try:
+        yield
+    finally:
+        nn.initializer.set_global_initializer(None, None)
 
 
 class PatchEmbed(nn.Layer):
@@ -56,16 +50,7 @@ class PatchEmbed(nn.Layer):
 
     def __init__(self, patch_size, in_channels, embed_dim):
         super().__init__()
-        fan_in = in_channels * patch_size * patch_size
-        std = math.sqrt(1.0 / fan_in) / TRUNCATED_NORMAL_STD_CORRECTION
-        self.proj = nn.Conv2D(
-            in_channels,
-            embed_dim,
-            kernel_size=patch_size,
-            stride=patch_size,
-            weight_attr=paddle.ParamAttr(initializer=nn.initializer.TruncatedNormal(std=std, a=-2 * std, b=2 * std)),
-            bias_attr=paddle.ParamAttr(initializer=_zeros()),
-        )
+        self.proj = nn.Conv2D(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images):
         return self.proj(images).flatten(2).transpose([0, 2, 1])
@@ -82,12 +67,10 @@ class Attention(CpuKernelLayer):
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.attn_dropout = attn_dropout
-        # Google initialises q, k and v as three D x D matrices; the fused D x 3D matrix must keep
-        # their fan-out, not triple it.
-        self.qkv = _linear(embed_dim, 3 * embed_dim, nn.initializer.XavierUniform(fan_in=embed_dim, fan_out=embed_dim))
-        self.proj = _linear(embed_dim, embed_dim)
-        self.weights_drop = Dropout(attn_dropout)
-        self.proj_drop = Dropout(attn_dropout)
+        self.qkv = FastCpuLinear(embed_dim, 3 * embed_dim)
+        self.proj = FastCpuLinear(embed_dim, embed_dim)
+        self.weights_drop = FastCpuDropout(attn_dropout)
+        self.proj_drop = FastCpuDropout(attn_dropout)
 
     def forward(self, tokens):
         batch, length, width = tokens.shape
@@ -105,8 +88,7 @@ class Attention(CpuKernelLayer):
 
     def _cpu_attention(self, qkv):
         """What Paddle's SDPA computes on CPU, with one transpose of the fused projection instead of a
-        strided unbind and three transposes (from the projection to the context, forward and
-        backward, ViT-Ti at batch 128: 51 -> 47 ms)."""
+        strided unbind and three transposes (faster: docs/performance.md)."""
         query, key, value = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)  # each [batch, heads, length, head_dim]
         scores = paddle.matmul(query * self.head_dim**-0.5, key, transpose_y=True)
         weights = self.weights_drop(F.softmax(scores, axis=-1))
@@ -116,10 +98,10 @@ class Attention(CpuKernelLayer):
 class Mlp(nn.Layer):
     def __init__(self, embed_dim, mlp_dim, dropout):
         super().__init__()
-        self.fc1 = _linear(embed_dim, mlp_dim, bias_init=nn.initializer.Normal(std=1e-6))
-        self.fc2 = _linear(mlp_dim, embed_dim, bias_init=nn.initializer.Normal(std=1e-6))
-        self.gelu = GELU()
-        self.dropout = Dropout(dropout)
+        self.fc1 = FastCpuLinear(embed_dim, mlp_dim)
+        self.fc2 = FastCpuLinear(mlp_dim, embed_dim)
+        self.gelu = FastCpuGELU()
+        self.dropout = FastCpuDropout(dropout)
 
     def forward(self, tokens):
         hidden = self.dropout(self.gelu(self.fc1(tokens)))
@@ -144,9 +126,9 @@ class DropPath(nn.Layer):
 class Block(nn.Layer):
     def __init__(self, embed_dim, num_heads, mlp_dim, dropout, attn_dropout, drop_path):
         super().__init__()
-        self.norm1 = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPSILON)
+        self.norm1 = FastCpuLayerNorm(embed_dim, epsilon=LAYER_NORM_EPSILON)
         self.attn = Attention(embed_dim, num_heads, attn_dropout)
-        self.norm2 = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPSILON)
+        self.norm2 = FastCpuLayerNorm(embed_dim, epsilon=LAYER_NORM_EPSILON)
         self.mlp = Mlp(embed_dim, mlp_dim, dropout)
         self.drop_path = DropPath(drop_path)
 
@@ -191,21 +173,57 @@ class VisionTransformer(nn.Layer):
         self.grid_size = img_size // patch_size
         self.recompute = False
 
-        self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
-        self.cls_token = self.create_parameter([1, 1, embed_dim], default_initializer=_zeros())
-        self.pos_embed = self.create_parameter(
-            [1, self.grid_size**2 + 1, embed_dim], default_initializer=nn.initializer.Normal(std=0.02)
-        )
-        self.pos_drop = Dropout(dropout)
-        drop_path_rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.LayerList(
-            [Block(embed_dim, num_heads, mlp_dim, dropout, attn_dropout, rate) for rate in drop_path_rates]
-        )
-        self.norm = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPSILON)
-        self.head = _linear(embed_dim, num_classes, weight_init=_zeros())
+        with _created_as_zeros():
+            self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
+            self.cls_token = self.create_parameter([1, 1, embed_dim])
+            self.pos_embed = self.create_parameter([1, self.grid_size**2 + 1, embed_dim])
+            self.pos_drop = FastCpuDropout(dropout)
+            drop_path_rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+            self.blocks = nn.LayerList(
+                [Block(embed_dim, num_heads, mlp_dim, dropout, attn_dropout, rate) for rate in drop_path_rates]
+            )
+            self.norm = FastCpuLayerNorm(embed_dim, epsilon=LAYER_NORM_EPSILON)
+            self.head = FastCpuLinear(embed_dim, num_classes)
+        self.init_weights()
         for layer in self.sublayers():
             if isinstance(layer, CpuKernelLayer):
                 layer.use_cpu_kernels = cpu_kernels
+
+    def init_weights(self):
+        """Google's from-scratch initialisation (vision_transformer models_vit.py), drawn from Paddle's
+        generator in the order the layers are built: the patch embedding, the position embedding,
+        then each block's Linear weights and MLP biases.
+
+        Xavier-uniform Linear weights; MLP biases normal(std=1e-6), other biases zero; LeCun-normal
+        patch embedding; zero class token; normal(std=0.02) position embedding; LayerNorms 1 and 0;
+        a zero head, which is also what Google pre-trains with from scratch: the first loss is exactly
+        ln(classes), and on a small from-scratch run (sklearn digits) it trained as well as a
+        Xavier-initialised head.
+        """
+        zeros, ones = nn.initializer.Constant(0.0), nn.initializer.Constant(1.0)
+        xavier_uniform = nn.initializer.XavierUniform()
+        mlp_bias = nn.initializer.Normal(std=1e-6)
+        fan_in = self.in_channels * self.patch_size**2
+        std = math.sqrt(1.0 / fan_in) / TRUNCATED_NORMAL_STD_CORRECTION
+        nn.initializer.TruncatedNormal(std=std, a=-2 * std, b=2 * std)(self.patch_embed.proj.weight)
+        zeros(self.patch_embed.proj.bias)
+        zeros(self.cls_token)
+        nn.initializer.Normal(std=0.02)(self.pos_embed)
+        for block in self.blocks:
+            # Google initialises q, k and v as three D x D matrices; the fused D x 3D matrix must keep
+            # their fan-out, not triple it.
+            nn.initializer.XavierUniform(fan_in=self.embed_dim, fan_out=self.embed_dim)(block.attn.qkv.weight)
+            xavier_uniform(block.attn.proj.weight)
+            for linear in (block.attn.qkv, block.attn.proj):
+                zeros(linear.bias)
+            for linear in (block.mlp.fc1, block.mlp.fc2):
+                xavier_uniform(linear.weight)
+                mlp_bias(linear.bias)
+        for norm in [self.norm] + [norm for block in self.blocks for norm in (block.norm1, block.norm2)]:
+            ones(norm.weight)
+            zeros(norm.bias)
+        zeros(self.head.weight)
+        zeros(self.head.bias)
 
     def forward(self, images):
         patches = self.patch_embed(images)
@@ -218,14 +236,12 @@ class VisionTransformer(nn.Layer):
                 tokens = recompute_activations(block, tokens, preserve_rng_state=True, use_reentrant=False)
             else:
                 tokens = block(tokens)
-        # The final norm and the head run in float32 outside autocast: under O1 the head is a
-        # white-listed matmul, and bf16 logits (off by up to 0.06 at 16) would feed the CE and the KL.
-        # The norm acts on each token alone, so normalising only the class token is the same.
-        # auto_cast(enable=False) also overwrites, for good, the AMP dtype that GradScaler.scale()
-        # reads to decide whether fp16 loss scaling stays on: put back the surrounding one.
-        amp_state = amp_global_state()
-        surrounding_dtype = amp_state.amp_dtype
+        return self.float32_head(tokens)
+
+    def float32_head(self, tokens):
+        """Logits from the class token, with the final norm and the head in float32 outside autocast:
+        under O1 the head is a white-listed matmul, and bf16 logits (off by up to 0.06 at 16) would
+        feed the CE and the KL. The norm acts on each token alone, so normalising only the class
+        token is the same."""
         with paddle.amp.auto_cast(enable=False):
-            logits = self.head(self.norm(tokens[:, 0].astype("float32")))
-        amp_state.amp_dtype = surrounding_dtype
-        return logits
+            return self.head(self.norm(tokens[:, 0].astype("float32")))

@@ -39,9 +39,8 @@ def init(use_fleet=True):
     """Join the collective job when the launcher started several processes; returns the Context.
 
     Training needs fleet (for `fleet.distributed_model`). Evaluation only all-reduces in the default
-    group, so it passes use_fleet=False and joins with `init_parallel_env`: fleet's extra
-    hybrid-parallel groups failed to connect over gloo (connection refused, timeout) in 3 of 8
-    launches of 3 CPU processes here, against 0 of 10 without them.
+    group, so it passes use_fleet=False and joins with `init_parallel_env`, without fleet's extra
+    groups, which sometimes fail to connect over gloo (docs/performance.md).
     """
     if dist.get_world_size() > 1:
         with _without_setup_chatter():

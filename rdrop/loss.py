@@ -1,29 +1,9 @@
 """The R-Drop objective: cross-entropy of two dropout samples plus a symmetric KL between them.
 
-For a micro-batch of B images, two forward passes with independent dropout masks give logits a and b,
-P_a = softmax(a) and P_b = softmax(b). This module computes
-
-    objective = CE(a) + CE(b) + alpha * KL_sym(a, b),    KL_sym = KL(P_a || P_b) + KL(P_b || P_a),
-
-with each CE the mean over the batch and KL_sym reduced by `kl_reduction`:
-
-- `sum`: summed over the micro-batch. This is exactly the loss of the public PyTorch R-Drop ViT
-  code, so its `alpha` carries over unchanged; but the KL's weight relative to the CE then grows
-  linearly with `train.micro_batch_size` (and not with the global batch).
-- `batchmean`: the sum divided by B, i.e. the mean per image, independent of the batch size.
-- `mean`: the sum divided by B x num_classes (the mean over all elements, as PyTorch's `kl_div`).
-
-The paper (Liang et al., 2021, eq. 3) writes the per-image loss as
-NLL_a + NLL_b + alpha_paper * (KL(P_a||P_b) + KL(P_b||P_a)) / 2, averaged over the batch, so
-
-    alpha_paper = 2 * alpha                      with kl_reduction='batchmean'
-    alpha_paper = 2 * micro_batch_size * alpha   with kl_reduction='sum'
-
-(the authors' ViT recipe, alpha 0.3 with `sum` over micro-batches of 32, is alpha_paper = 19.2).
-
-Everything is computed in float32 from log-probabilities on both sides, using
-KL_sym = sum (P_a - P_b) * (log P_a - log P_b): finite for logits of any magnitude (no log of an
-underflowed softmax) and exactly 0 when a == b.
+objective = CE(a) + CE(b) + alpha * (KL(P_a || P_b) + KL(P_b || P_a)), each CE the mean over the batch and the
+KL reduced by `kl_reduction` (`sum` is the public R-Drop ViT code's). All in float32, from
+log-probabilities on both sides, so it is finite for any logits and exactly 0 when a == b.
+The reductions, their relation to the paper's alpha and the usage: docs/loss.md.
 """
 
 import paddle

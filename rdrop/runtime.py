@@ -1,22 +1,10 @@
-"""Process-level device settings: the CPU settings, applied once before the first operator runs, and
-waiting for the device to finish its queued work (for timing).
+"""Process-level device settings, applied once before the first operator runs, and waiting for the
+device to finish its queued work (for timing).
 
-Paddle sets OMP_NUM_THREADS=1 at import when it is unset (and `paddle.distributed.launch` sets it for
-every worker), so by default a CPU run uses one core. We size the math thread pool ourselves: the
-cores this process may use divided by the processes the launcher started on this node, unless
-`train.cpu_threads` says otherwise.
-
-Paddle's CPU wheel multiplies matrices with Intel MKL, which picks a slow generic kernel on AMD
-processors. MKL_DEBUG_CPU_TYPE=5 makes it use its AVX2 kernels (a 2048x2048 float32 GEMM on 2
-threads of an AMD EPYC: 35 -> 135 GFLOP/s). MKL reads the variable when it first runs, so it is set
-here, only on AMD processors and only when the user has not set it.
-
-Two more CPU-only settings, each measured on the ViT training step:
-- FLAGS_use_stride_kernel off: transposes are then materialised by a dense kernel instead of becoming
-  views that a slow generic strided copy later gathers (80 ms -> 20 ms for one such copy).
-- glibc keeps large freed buffers instead of returning them to the OS (mallopt thresholds): Paddle's
-  CPU allocator frees every activation, and each fresh mmap costs page faults on first touch (an add
-  over 6.4M floats: 16 ms -> 2.4 ms).
+On the CPU only: math threads = usable cores / processes on this machine (Paddle would use one),
+MKL's AVX2 kernels on AMD processors (MKL_DEBUG_CPU_TYPE=5, unless set), dense transposes
+(FLAGS_use_stride_kernel off), and glibc keeping freed buffers. Why, with the measurements:
+docs/performance.md.
 """
 
 import ctypes

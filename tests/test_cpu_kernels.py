@@ -67,7 +67,7 @@ def test_layer_norm_kernel_matches_float64_values_and_gradients(offset, requires
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 5, 12)) * 2 + offset
     weight, bias, upstream = rng.standard_normal(12), rng.standard_normal(12), rng.standard_normal((3, 5, 12))
-    layer = layers.LayerNorm(12, epsilon=1e-6)
+    layer = layers.FastCpuLayerNorm(12, epsilon=1e-6)
     layer.weight.set_value(weight.astype(np.float32))
     layer.bias.set_value(bias.astype(np.float32))
     x = x.astype(np.float32).astype(np.float64)  # the values the kernel sees
@@ -89,7 +89,7 @@ def test_gelu_kernel_matches_the_exact_erf_gelu_and_its_derivative():
     x = np.concatenate([np.linspace(-12, 12, 2401), [0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0]]).astype(np.float32)
     x = x.astype(np.float64)
     upstream = np.random.default_rng(1).standard_normal(x.shape)
-    out, x_grad = run_layer(layers.GELU(), x, upstream)
+    out, x_grad = run_layer(layers.FastCpuGELU(), x, upstream)
     expected = gelu_reference(x)
     np.testing.assert_allclose(out, expected, rtol=2e-6, atol=1e-7)
     step = 1e-5
@@ -101,7 +101,7 @@ def test_linear_with_matvec_bias_gradient_matches_the_affine_map():
     rng = np.random.default_rng(2)
     x, w, b = rng.standard_normal((3, 5, 4)), rng.standard_normal((4, 6)), rng.standard_normal(6)
     upstream = rng.standard_normal((3, 5, 6))
-    layer = layers.Linear(4, 6)
+    layer = layers.FastCpuLinear(4, 6)
     layer.weight.set_value(w.astype(np.float32))
     layer.bias.set_value(b.astype(np.float32))
     out, x_grad = run_layer(layer, x, upstream)
@@ -115,7 +115,7 @@ def test_linear_with_matvec_bias_gradient_matches_the_affine_map():
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_dropout_kernel_keeps_one_minus_rate_rescales_and_masks_the_gradient_alike(rate):
-    dropout = layers.Dropout(rate)
+    dropout = layers.FastCpuDropout(rate)
     x = np.random.default_rng(3).uniform(1.0, 2.0, size=(64, 65, 191))  # never 0; an odd width
     upstream = np.random.default_rng(4).standard_normal(x.shape)
     paddle.seed(5)
@@ -132,7 +132,7 @@ def test_dropout_kernel_keeps_one_minus_rate_rescales_and_masks_the_gradient_ali
 
 
 def test_dropout_masks_follow_paddle_seed_and_differ_between_the_two_rdrop_halves():
-    dropout = layers.Dropout(0.3)
+    dropout = layers.FastCpuDropout(0.3)
     half = np.ones((256, 192), dtype=np.float32)
     inputs = paddle.to_tensor(np.concatenate([half, half]))  # R-Drop's batch concatenated with itself
     masks = []
@@ -147,10 +147,10 @@ def test_dropout_masks_follow_paddle_seed_and_differ_between_the_two_rdrop_halve
 
 def test_dropout_is_the_identity_in_evaluation_and_at_rate_zero():
     inputs = paddle.randn([8, 16])
-    evaluating = layers.Dropout(0.5)
+    evaluating = layers.FastCpuDropout(0.5)
     evaluating.eval()
     assert evaluating(inputs) is inputs
-    assert layers.Dropout(0.0)(inputs) is inputs
+    assert layers.FastCpuDropout(0.0)(inputs) is inputs
 
 
 def test_kernel_results_do_not_depend_on_the_thread_count():
@@ -161,11 +161,11 @@ def test_kernel_results_do_not_depend_on_the_thread_count():
     for threads in (1, 2, 3):
         paddle.base.core.set_num_threads(threads)
         paddle.seed(9)
-        norm = layers.LayerNorm(64)
+        norm = layers.FastCpuLayerNorm(64)
         outputs = [
             run_layer(norm, x, upstream),
-            run_layer(layers.GELU(), x, upstream),
-            run_layer(layers.Dropout(0.2), x, upstream),
+            run_layer(layers.FastCpuGELU(), x, upstream),
+            run_layer(layers.FastCpuDropout(0.2), x, upstream),
             (norm.weight.grad.numpy(), norm.bias.grad.numpy()),
         ]
         results.append([array for pair in outputs for array in pair])
@@ -177,7 +177,7 @@ def test_kernel_results_do_not_depend_on_the_thread_count():
 
 def test_other_dtypes_use_paddles_kernels():
     x = np.linspace(-3, 3, 13)
-    out = layers.GELU()(paddle.to_tensor(x))  # float64
+    out = layers.FastCpuGELU()(paddle.to_tensor(x))  # float64
     assert out.dtype == paddle.float64
     np.testing.assert_allclose(out.numpy(), gelu_reference(x), rtol=1e-12)
 
@@ -216,7 +216,7 @@ def test_a_failed_build_warns_once_and_falls_back_to_paddles_kernels(monkeypatch
         with caplog.at_level(logging.WARNING, logger="models.cpu_kernels"):
             assert cpu_kernels.kernels() is None
             x = np.random.default_rng(7).standard_normal((4, 12))
-            out = layers.LayerNorm(12)(tensor(x)).numpy()
+            out = layers.FastCpuLayerNorm(12)(tensor(x)).numpy()
             assert cpu_kernels.kernels() is None
         warnings = [record.getMessage() for record in caplog.records]
         assert len(warnings) == 1 and "g++: command not found" in warnings[0]

@@ -3,7 +3,7 @@
 import contextlib
 import math
 
-from rdrop import config
+from rdrop import config, precision
 from rdrop.errors import UserError
 
 import numpy as np
@@ -208,16 +208,20 @@ def test_final_norm_and_head_run_outside_autocast():
     assert autocast_seen == {"last block": True, "norm": False, "head": False}
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_leaving_autocast_for_the_head_keeps_the_amp_dtype_the_loss_scaler_reads(dtype):
-    """GradScaler.scale() turns fp16 loss scaling off for good unless amp_global_state().amp_dtype is
-    float16; autocast sets it on entry and never restores it, and TrainStep scales after leaving it."""
+def test_fp16_loss_scaling_stays_on_after_the_float32_head_leaves_autocast():
+    """GradScaler.scale() turns dynamic loss scaling off for good unless amp_global_state().amp_dtype is
+    float16, and the head's auto_cast(enable=False) writes that dtype: an fp16 step (the only one with
+    an enabled scaler, see precision.loss_scaler) keeps scaling."""
     model = models.build_model(tiny_model_cfg())
-    amp_global_state().amp_dtype = dtype  # as precision.autocast(amp) leaves it
+    scaler = precision.loss_scaler("fp16")
+    scaler._enable, scaler._scale = True, paddle.to_tensor(2.0**15)  # as GradScaler is on a GPU
+    amp_global_state().amp_dtype = "float16"  # as precision.autocast("fp16") leaves it
     try:
         with gpu_autocast_state():
-            model(paddle.randn([2, 3, 16, 16]))
-        assert amp_global_state().amp_dtype == dtype
+            logits = model(paddle.randn([2, 3, 16, 16]))
+        loss = (logits + 1.0).sum()  # the zero head's logits are 0
+        scaled = scaler.scale(loss)
+        assert scaler.is_enable() and float(scaled) == float(loss) * 2.0**15
     finally:
         amp_global_state().amp_dtype = "float32"
 
@@ -294,6 +298,8 @@ def test_initialisation_follows_google():
     assert np.abs(block.mlp.fc1.weight.numpy()).max() <= math.sqrt(6 / (width + mlp))
     assert not block.attn.qkv.bias.numpy().any() and not block.attn.proj.bias.numpy().any()
     assert 0 < np.abs(block.mlp.fc1.bias.numpy()).max() < 1e-5
+    for norm in (block.norm1, block.norm2, model.norm):
+        assert (norm.weight.numpy() == 1).all() and not norm.bias.numpy().any()
     # LeCun normal, truncated at two standard deviations: variance 1 / fan_in.
     patch = model.patch_embed.proj.weight.numpy()
     fan_in = 3 * 4 * 4
