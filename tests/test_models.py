@@ -3,7 +3,7 @@
 import contextlib
 import math
 
-from rdrop import config, precision
+from rdrop import config, step
 from rdrop.errors import UserError
 
 import numpy as np
@@ -211,11 +211,11 @@ def test_final_norm_and_head_run_outside_autocast():
 def test_fp16_loss_scaling_stays_on_after_the_float32_head_leaves_autocast():
     """GradScaler.scale() turns dynamic loss scaling off for good unless amp_global_state().amp_dtype is
     float16, and the head's auto_cast(enable=False) writes that dtype: an fp16 step (the only one with
-    an enabled scaler, see precision.loss_scaler) keeps scaling."""
+    an enabled scaler, see step.loss_scaler) keeps scaling."""
     model = models.build_model(tiny_model_cfg())
-    scaler = precision.loss_scaler("fp16")
+    scaler = step.loss_scaler("fp16")
     scaler._enable, scaler._scale = True, paddle.to_tensor(2.0**15)  # as GradScaler is on a GPU
-    amp_global_state().amp_dtype = "float16"  # as precision.autocast("fp16") leaves it
+    amp_global_state().amp_dtype = "float16"  # as step.autocast("fp16") leaves it
     try:
         with gpu_autocast_state():
             logits = model(paddle.randn([2, 3, 16, 16]))
