@@ -18,7 +18,6 @@ together cover every image exactly once, with no padding.
 from dataclasses import dataclass
 
 from rdrop import seeding
-from rdrop.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -33,17 +32,6 @@ class StepSizes:
     def images_per_micro_step(self):
         """One micro-batch on every process."""
         return self.micro_batch_size * self.world_size
-
-    @property
-    def accumulation(self):
-        """Micro-batches per optimizer step on each process."""
-        if self.global_batch_size % self.images_per_micro_step:
-            raise UserError(
-                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size x devices ({self.micro_batch_size} x {self.world_size} = "
-                f"{self.images_per_micro_step}). Change one of them so the division is exact."
-            )
-        return self.global_batch_size // self.images_per_micro_step
 
     def micro_steps_per_epoch(self, num_images):
         return num_images // self.images_per_micro_step

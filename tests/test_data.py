@@ -4,6 +4,8 @@ sharding, epoch order, exact resume, the validation split."""
 import itertools
 import multiprocessing
 
+from rdrop.step import accumulation_steps
+
 import numpy as np
 import paddle
 import paddle.nn.functional as F
@@ -236,7 +238,8 @@ def test_set_state_dict_accepts_the_minimal_form(odd_archive):
 def test_step_sizes_divide_a_step_into_micro_batches_on_every_process():
     for global_batch, micro_batch, world_size in [(64, 32, 1), (64, 32, 2), (64, 8, 2), (96, 4, 3)]:
         sizes = data.StepSizes(global_batch, micro_batch, world_size)
-        assert sizes.accumulation * micro_batch * world_size == global_batch
+        train_cfg = {"global_batch_size": global_batch, "micro_batch_size": micro_batch}
+        assert accumulation_steps(train_cfg, world_size) * micro_batch * world_size == global_batch
         assert sizes.micro_steps_per_epoch(1000) == 1000 // (micro_batch * world_size)
 
 

@@ -4,6 +4,7 @@ import os
 import pickle
 
 from rdrop.errors import UserError
+from rdrop.step import accumulation_steps
 
 import numpy as np
 import paddle.dataset.common
@@ -125,7 +126,7 @@ def test_global_batch_larger_than_the_training_set(tmp_path):
 
 def test_global_batch_that_does_not_divide_into_micro_batches():
     with pytest.raises(UserError, match=r"must be a multiple of train.micro_batch_size x devices \(8 x 3 = 24\)"):
-        data.StepSizes(global_batch_size=36, micro_batch_size=8, world_size=3).accumulation  # noqa: B018 (it raises)
+        accumulation_steps({"global_batch_size": 36, "micro_batch_size": 8}, world_size=3)
 
 
 def test_resume_state_from_another_training_set(tmp_path):
