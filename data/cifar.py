@@ -1,41 +1,96 @@
-"""CIFAR-100's python archive (`cifar-100-python.tar.gz`), read without running code from the file.
+"""CIFAR-10 and CIFAR-100 from the official python archives, read without running code from the file.
 
-The archive's members are Python pickles, and a pickle can call any importable function while it is
-read, so a crafted archive would run code (Paddle's `Cifar100` class, and a plain `pickle.load`, do
-exactly that). `_RestrictedUnpickler` resolves only the handful of names the official members
-contain (NumPy arrays of numbers, and the bytes helper of Python 3 pickles) and refuses any other
-with a `UserError` before calling it. This module also locates or downloads the archive, turns every
-way a bad file can fail into a `UserError` naming the file, and reads the class names from `meta`.
+The archives' members are Python pickles, and a pickle can call any importable function while it is
+read, so a crafted archive would run code (Paddle's `Cifar10`/`Cifar100` classes, and a plain
+`pickle.load`, do exactly that). `_RestrictedUnpickler` resolves only the handful of names the
+official members contain (NumPy arrays of numbers, and the bytes helper of Python 3 pickles) and
+refuses any other with a `UserError` before calling it. This module also locates or downloads the
+archive, turns every way a bad file can fail into a `UserError` naming the file, and reads the class
+names from the archive's meta member. `ARCHIVES` holds what differs between the two archives.
 """
 
 import codecs
 import logging
 import pickle
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from rdrop.errors import UserError
 
 import numpy as np
 import paddle.dataset.common
-from paddle.vision.datasets.cifar import CIFAR100_MD5, CIFAR100_URL
+from paddle.vision.datasets.cifar import CIFAR10_MD5, CIFAR10_URL, CIFAR100_MD5, CIFAR100_URL
 
 logger = logging.getLogger(__name__)
 
-ARCHIVE_NAME = "cifar-100-python.tar.gz"
-MEMBER_ROOT = "cifar-100-python"
 IMAGE_SIDE = 32
 HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 # paddle.dataset.common.download() stores a file under DATA_HOME/<module name>/<URL basename>.
 PADDLE_CACHE_MODULE = "cifar"
 
 
-def default_archive_path():
-    return Path(paddle.dataset.common.DATA_HOME) / PADDLE_CACHE_MODULE / ARCHIVE_NAME
+@dataclass(frozen=True)
+class Archive:
+    """Where one official archive keeps its splits, labels and class names."""
+
+    title: str  # for messages
+    file_name: str
+    url: str
+    md5: str
+    member_root: str
+    train_members: tuple  # concatenated in this order
+    test_members: tuple
+    labels_key: bytes
+    meta_member: str
+    names_key: bytes
+
+    def member(self, name):
+        return f"{self.member_root}/{name}"
+
+    def split_members(self, split):
+        return self.train_members if split == "train" else self.test_members
+
+    def members(self):
+        """Every member the official archive holds, for messages."""
+        names = self.train_members + self.test_members + (self.meta_member,)
+        return ", ".join(self.member(name) for name in names)
 
 
-def resolve_archive(data_file, download):
-    """The path of a readable archive, downloading it into Paddle's cache if allowed and needed.
+ARCHIVES = {
+    "cifar10": Archive(
+        title="CIFAR-10",
+        file_name="cifar-10-python.tar.gz",
+        url=CIFAR10_URL,
+        md5=CIFAR10_MD5,
+        member_root="cifar-10-batches-py",
+        train_members=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_members=("test_batch",),
+        labels_key=b"labels",
+        meta_member="batches.meta",
+        names_key=b"label_names",
+    ),
+    "cifar100": Archive(
+        title="CIFAR-100",
+        file_name="cifar-100-python.tar.gz",
+        url=CIFAR100_URL,
+        md5=CIFAR100_MD5,
+        member_root="cifar-100-python",
+        train_members=("train",),
+        test_members=("test",),
+        labels_key=b"fine_labels",
+        meta_member="meta",
+        names_key=b"fine_label_names",
+    ),
+}
+
+
+def default_archive_path(archive):
+    return Path(paddle.dataset.common.DATA_HOME) / PADDLE_CACHE_MODULE / archive.file_name
+
+
+def resolve_archive(archive, data_file, download):
+    """The path of a readable `archive`, downloading it into Paddle's cache if allowed and needed.
 
     data_file=None means Paddle's cache location; with download=True Paddle checks the MD5 of the
     cached file and (re-)downloads it when it is missing or different.
@@ -45,26 +100,26 @@ def resolve_archive(data_file, download):
         if not path.is_file():
             what = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise UserError(
-                f"data.data_file {path} {what}. Point data.data_file at the CIFAR-100 archive "
-                f"{ARCHIVE_NAME} (from {HOMEPAGE}), or set data.data_file: null and "
-                f"data.download: true to let Paddle download it into {default_archive_path()}."
+                f"data.data_file {path} {what}. Point data.data_file at the {archive.title} archive "
+                f"{archive.file_name} (from {HOMEPAGE}), or set data.data_file: null and "
+                f"data.download: true to let Paddle download it into {default_archive_path(archive)}."
             )
         return path
-    cached = default_archive_path()
+    cached = default_archive_path(archive)
     if not download:
         if cached.is_file():
             return cached
         raise UserError(
-            f"CIFAR-100 archive not found at {cached} (Paddle's cache, used because data.data_file "
+            f"{archive.title} archive not found at {cached} (Paddle's cache, used because data.data_file "
             f"is null) and data.download is false. Set data.download: true, or download "
-            f"{ARCHIVE_NAME} from {HOMEPAGE} and put it there or point data.data_file at it."
+            f"{archive.file_name} from {HOMEPAGE} and put it there or point data.data_file at it."
         )
     try:
-        return Path(paddle.dataset.common.download(CIFAR100_URL, PADDLE_CACHE_MODULE, CIFAR100_MD5))
+        return Path(paddle.dataset.common.download(archive.url, PADDLE_CACHE_MODULE, archive.md5))
     except Exception as error:  # Paddle retries internally and then raises whatever it last hit
         raise UserError(
-            f"Could not download CIFAR-100 from {CIFAR100_URL} into {cached} "
-            f"({_describe(error)}). Check the network, or download {ARCHIVE_NAME} "
+            f"Could not download {archive.title} from {archive.url} into {cached} "
+            f"({_describe(error)}). Check the network, or download {archive.file_name} "
             f"from {HOMEPAGE} by hand and set data.data_file to its path."
         ) from error
 
@@ -111,66 +166,67 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return allowed
 
 
-def _unpickle_member(path, archive, member):
-    """Member `member` of the open tar `archive`, unpickled with only the allowed names; None if absent."""
+def _unpickle_member(archive, path, tar, member):
+    """Member `member` of the open `tar`, unpickled with only the allowed names; None if absent."""
     try:
-        handle = archive.extractfile(member)
+        handle = tar.extractfile(member)
     except KeyError:
         return None
     try:
         return _RestrictedUnpickler(handle, encoding="bytes").load()
     except _RefusedGlobal as refused:
         raise UserError(
-            f"{path} member {member} asks to run {refused} while it is read, which the CIFAR-100 "
+            f"{path} member {member} asks to run {refused} while it is read, which the {archive.title} "
             f"archive never does: the file was crafted or is not the official "
-            f"{ARCHIVE_NAME}, and it was not read any further. Download the archive again from "
-            f"{HOMEPAGE} (MD5 {CIFAR100_MD5}) or set data.data_file: null and data.download: true."
+            f"{archive.file_name}, and it was not read any further. Download the archive again from "
+            f"{HOMEPAGE} (MD5 {archive.md5}) or set data.data_file: null and data.download: true."
         ) from None
 
 
-def read_split(path, split):
-    """uint8 N x 3 x 32 x 32 images and int64 labels of member `split` ("train" or "test")."""
-    member = f"{MEMBER_ROOT}/{split}"
+def read_split(archive, path, split):
+    """uint8 N x 3 x 32 x 32 images and int64 labels of `split` ("train" or "test"), in member order."""
+    images, labels = [], []
     try:
-        with tarfile.open(path, mode="r") as archive:
-            batch = _unpickle_member(path, archive, member)
-        if batch is None:
-            images = labels = None
-        else:
-            labels = np.asarray(batch[b"fine_labels"], dtype=np.int64)
-            images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIDE, IMAGE_SIDE)
+        with tarfile.open(path, mode="r") as tar:
+            for name in archive.split_members(split):
+                member = archive.member(name)
+                batch = _unpickle_member(archive, path, tar, member)
+                if batch is None:
+                    raise UserError(
+                        f"{path} has no member {member}: it is not the {archive.title} python archive "
+                        f"{archive.file_name} (which holds {archive.members()}). Download it from "
+                        f"{HOMEPAGE} or fix data.data_file."
+                    )
+                batch_labels = np.asarray(batch[archive.labels_key], dtype=np.int64)
+                batch_images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIDE, IMAGE_SIDE)
+                if len(batch_images) != len(batch_labels):
+                    raise UserError(
+                        f"{path} member {member} holds {len(batch_images)} images but {len(batch_labels)} "
+                        f"labels: the file is corrupt. Download it again (MD5 {archive.md5}) from {HOMEPAGE}."
+                    )
+                images.append(batch_images)
+                labels.append(batch_labels)
     except UserError:
         raise
     except Exception as error:
         # Unpickling arbitrary bytes can raise nearly any exception type; everything inside this
         # block is reading the user's file, so any failure here is a problem with that file.
         raise UserError(
-            f"Could not read {path} as the CIFAR-100 archive {ARCHIVE_NAME} "
+            f"Could not read {path} as the {archive.title} archive {archive.file_name} "
             f"({_describe(error)}). The file is truncated, corrupt or in another "
-            f"format; download it again (MD5 {CIFAR100_MD5}) from {HOMEPAGE}, or set "
+            f"format; download it again (MD5 {archive.md5}) from {HOMEPAGE}, or set "
             f"data.data_file: null and data.download: true."
         ) from error
-    if images is None:
-        raise UserError(
-            f"{path} has no member {member}: it is not the CIFAR-100 python archive "
-            f"{ARCHIVE_NAME} (which holds {MEMBER_ROOT}/train, {MEMBER_ROOT}/test and "
-            f"{MEMBER_ROOT}/meta). Download it from {HOMEPAGE} or fix data.data_file."
-        )
-    if len(images) != len(labels):
-        raise UserError(
-            f"{path} member {member} holds {len(images)} images but {len(labels)} labels: the "
-            f"file is corrupt. Download it again (MD5 {CIFAR100_MD5}) from {HOMEPAGE}."
-        )
-    return images, labels
+    return np.concatenate(images), np.concatenate(labels)
 
 
-def read_class_names(path, num_classes):
-    """Fine label names from `meta`, or "class_<i>" when meta is missing or unreadable."""
-    member = f"{MEMBER_ROOT}/meta"
+def read_class_names(archive, path, num_classes):
+    """Label names from the meta member, or "class_<i>" when it is missing or unreadable."""
+    member = archive.member(archive.meta_member)
     try:
-        with tarfile.open(path, mode="r") as archive:
-            meta = _unpickle_member(path, archive, member)
-        names = tuple(name.decode() for name in meta[b"fine_label_names"])
+        with tarfile.open(path, mode="r") as tar:
+            meta = _unpickle_member(archive, path, tar, member)
+        names = tuple(name.decode() for name in meta[archive.names_key])
     except UserError:
         raise  # a meta that tries to run code condemns the whole file, not just the names
     except Exception as error:  # a missing meta only costs readable names in reports

@@ -41,28 +41,30 @@ class ImageSet:
         return ImageSet(self.images[indices], self.labels[indices], self.class_names, self.source)
 
 
-# --- CIFAR-100 ------------------------------------------------------------------------------------
+# --- CIFAR-10 and CIFAR-100 ------------------------------------------------------------------------
 
 
-def locate_cifar100(settings):
-    return cifar.resolve_archive(settings.data_file, settings.download)
+def locate_cifar(settings):
+    return cifar.resolve_archive(cifar.ARCHIVES[settings.dataset], settings.data_file, settings.download)
 
 
-def load_cifar100(settings, split):
-    path = Path(locate_cifar100(settings)).resolve()
+def load_cifar(settings, split):
+    path = Path(locate_cifar(settings)).resolve()
     stat = path.stat()
-    return _cifar100_split(path, stat.st_mtime_ns, stat.st_size, split, settings.num_classes)
+    return _cifar_split(
+        cifar.ARCHIVES[settings.dataset], path, stat.st_mtime_ns, stat.st_size, split, settings.num_classes
+    )
 
 
 @functools.lru_cache(maxsize=4)
-def _cifar100_split(path, mtime_ns, size, split, num_classes):
+def _cifar_split(archive, path, mtime_ns, size, split, num_classes):
     """mtime_ns and size are part of the cache key so a replaced file is read again; num_classes only
-    sizes the fallback class names used when the archive has no `meta`."""
-    images, labels = cifar.read_split(path, split)
+    sizes the fallback class names used when the archive has no meta member."""
+    images, labels = cifar.read_split(archive, path, split)
     # The cached arrays are shared by every caller (train, val, test views): make them read-only.
     images.flags.writeable = False
     labels.flags.writeable = False
-    return ImageSet(images, labels, cifar.read_class_names(path, num_classes), str(path))
+    return ImageSet(images, labels, cifar.read_class_names(archive, path, num_classes), str(path))
 
 
 # --- digits ---------------------------------------------------------------------------------------
@@ -111,7 +113,8 @@ class Dataset(NamedTuple):
 
 
 DATASETS = {
-    "cifar100": Dataset(locate_cifar100, load_cifar100),
+    "cifar100": Dataset(locate_cifar, load_cifar),
+    "cifar10": Dataset(locate_cifar, load_cifar),
     "digits": Dataset(lambda settings: None, load_digits),
 }
 

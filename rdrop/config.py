@@ -218,17 +218,56 @@ SCHEMA = {
     "data": {
         "dataset": Key(
             "cifar100",
-            one_of("cifar100", "digits"),
-            "`cifar100`, or `digits`: the UCI digits shipped with scikit-learn (offline quickstart).",
+            one_of("cifar100", "cifar10", "folder", "filelist", "digits"),
+            "`cifar100` or `cifar10` (the official python archives); `folder`: one sub-folder of images "
+            "per class under `data.train_dir` and `data.test_dir`; `filelist`: PaddleClas lists "
+            "(`data.root`, `data.train_list`, `data.test_list`); `digits`: the UCI digits shipped "
+            "with scikit-learn (offline quickstart).",
         ),
         "data_file": Key(
             None,
             or_null(path()),
-            "Path of `cifar-100-python.tar.gz`; null uses Paddle's cache folder.",
+            "Path of `cifar-100-python.tar.gz` or `cifar-10-python.tar.gz`; null uses Paddle's cache folder.",
             free_on_resume=True,
         ),
         "download": Key(
-            True, boolean(), "Download CIFAR-100 into Paddle's cache when the file is missing.", free_on_resume=True
+            True,
+            boolean(),
+            "Download the CIFAR archive into Paddle's cache when the file is missing.",
+            free_on_resume=True,
+        ),
+        "train_dir": Key(
+            None,
+            or_null(path()),
+            "`folder`: the training images, one sub-folder per class (ImageNet: `.../train`); the sorted "
+            "sub-folder names are the classes.",
+            free_on_resume=True,
+        ),
+        "test_dir": Key(
+            None,
+            or_null(path()),
+            "`folder`: the test images, sub-folders named like the training classes (ImageNet: `.../val`).",
+            free_on_resume=True,
+        ),
+        "root": Key(
+            None,
+            or_null(path()),
+            "`filelist`: the folder the paths in the lists are relative to (PaddleClas `image_root`).",
+            free_on_resume=True,
+        ),
+        "train_list": Key(
+            None,
+            or_null(path()),
+            "`filelist`: the training list, one `relative/path label` per line (PaddleClas `cls_label_path`).",
+            free_on_resume=True,
+        ),
+        "test_list": Key(None, or_null(path()), "`filelist`: the test list, in the same format.", free_on_resume=True),
+        "class_names_file": Key(
+            None,
+            or_null(path()),
+            "`filelist`: optional class names, one `id name` per line (PaddleClas `class_id_map_file`); "
+            "null names the classes by their ids.",
+            free_on_resume=True,
         ),
         "crop_scale": Key(
             [0.05, 1.0], scale_range(), "Area range of the training RandomResizedCrop, as fractions of the image."

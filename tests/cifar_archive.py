@@ -1,4 +1,4 @@
-"""Write small CIFAR-100 archives in the official `cifar-100-python.tar.gz` format for tests.
+"""Write small CIFAR-100 and CIFAR-10 archives in the official python formats for tests.
 
 The official archive is a gzip tar with members `cifar-100-python/{train,test,meta}`, each a pickle
 (protocol 2, bytes keys) holding `b'data'` (N x 3072 uint8, channel-major: the R, G and B planes of
@@ -11,6 +11,10 @@ The official members were pickled by Python 2: byte strings as `str` (BINSTRING 
 arrays through `numpy.core.multiarray._reconstruct`. `python2_pickles=True` writes exactly that form;
 the default is what Python 3 writes at protocol 2 (bytes through `_codecs.encode`, NumPy 2's
 `numpy._core.multiarray`).
+
+The CIFAR-10 archive `cifar-10-python.tar.gz` holds `cifar-10-batches-py/data_batch_1..5` (the
+training images in five consecutive parts) and `test_batch`, each with `b'data'`, `b'labels'`,
+`b'filenames'` and `b'batch_label'`, plus `batches.meta` with `b'label_names'`.
 """
 
 import io
@@ -126,20 +130,63 @@ def write_cifar100_archive(
     members["meta"] = _pickled_meta(num_classes, python2_pickles)
     members.update(member_payloads or {})
 
+    _write_tar(path, ROOT, members, omit_members, compresslevel)
+    if truncate_to_bytes is not None:
+        with open(path, "r+b") as handle:
+            handle.truncate(truncate_to_bytes)
+    return path
+
+
+CIFAR10_ROOT = "cifar-10-batches-py"
+CIFAR10_TRAIN_BATCHES = 5
+
+
+def cifar10_label_names(num_classes):
+    return [f"label_{i}" for i in range(num_classes)]
+
+
+def write_cifar10_archive(
+    path, num_train, num_test, seed=0, num_classes=10, *, python2_pickles=False, omit_members=(), member_payloads=None
+):
+    """Write a CIFAR-10 archive whose images and labels are `cifar100_arrays(...)`; return its Path.
+
+    The training images are split over data_batch_1..5 in order (sizes differing by at most one);
+    omit_members and member_payloads work as for `write_cifar100_archive`.
+    """
+    path = Path(path)
+    arrays = cifar100_arrays(num_train, num_test, seed, num_classes)
+    images, labels = arrays["train"]
+    members = {}
+    for number, part in enumerate(np.array_split(np.arange(num_train), CIFAR10_TRAIN_BATCHES), start=1):
+        members[f"data_batch_{number}"] = _cifar10_batch(images[part], labels[part], python2_pickles)
+    members["test_batch"] = _cifar10_batch(*arrays["test"], python2_pickles)
+    meta = {b"label_names": [name.encode() for name in cifar10_label_names(num_classes)], b"num_vis": 3072}
+    members["batches.meta"] = _dumps(meta, python2_pickles)
+    members.update(member_payloads or {})
+    _write_tar(path, CIFAR10_ROOT, members, omit_members, compresslevel=1)
+    return path
+
+
+def _cifar10_batch(images, labels, python2):
+    batch = {
+        b"batch_label": b"a batch",
+        b"labels": [int(label) for label in labels],
+        b"filenames": [f"{i:05d}.png".encode() for i in range(len(labels))],
+        b"data": images.reshape(len(labels), 3 * 32 * 32),
+    }
+    return _dumps(batch, python2)
+
+
+def _write_tar(path, root, members, omit_members, compresslevel):
     with tarfile.open(path, "w:gz", compresslevel=compresslevel) as archive:
-        directory = tarfile.TarInfo(ROOT)
+        directory = tarfile.TarInfo(root)
         directory.type = tarfile.DIRTYPE
         directory.mode = 0o755
         archive.addfile(directory)
         for name, payload in members.items():
             if name in omit_members:
                 continue
-            info = tarfile.TarInfo(f"{ROOT}/{name}")
+            info = tarfile.TarInfo(f"{root}/{name}")
             info.size = len(payload)
             info.mode = 0o644
             archive.addfile(info, io.BytesIO(payload))
-
-    if truncate_to_bytes is not None:
-        with open(path, "r+b") as handle:
-            handle.truncate(truncate_to_bytes)
-    return path

@@ -9,9 +9,9 @@ from rdrop.step import accumulation_steps
 import numpy as np
 import paddle.dataset.common
 import pytest
-from cifar_archive import fine_label_names, write_cifar100_archive
+from cifar_archive import cifar10_label_names, fine_label_names, write_cifar10_archive, write_cifar100_archive
 from data_helpers import make_cfg
-from paddle.vision.datasets import Cifar100
+from paddle.vision.datasets import Cifar10, Cifar100
 
 import data
 from data import datasets
@@ -175,10 +175,57 @@ def test_an_object_array_is_refused(tmp_path):
 def test_the_restricted_reader_returns_what_paddles_reader_does(tmp_path, python2_pickles):
     path = small_archive(tmp_path / "a.tar.gz", python2_pickles=python2_pickles)
     for split in ("train", "test"):
-        ours = datasets.load_cifar100(data.InputSettings.from_config(make_cfg(path)), split)
+        ours = datasets.load_cifar(data.InputSettings.from_config(make_cfg(path)), split)
         paddles = Cifar100(data_file=str(path), mode=split, download=False, backend="cv2")
         expected = np.stack([row for row, _ in paddles.data]).reshape(-1, 3, 32, 32)
         np.testing.assert_array_equal(ours.images, expected)
         np.testing.assert_array_equal(ours.labels, [label for _, label in paddles.data])
         assert ours.images.dtype == np.uint8 and ours.labels.dtype == np.int64
     assert ours.class_names == tuple(fine_label_names(10))
+
+
+@pytest.mark.parametrize("python2_pickles", [True, False])
+def test_the_restricted_reader_reads_cifar10_as_paddles_reader_does(tmp_path, python2_pickles):
+    path = write_cifar10_archive(tmp_path / "c10.tar.gz", num_train=23, num_test=7, python2_pickles=python2_pickles)
+    for split in ("train", "test"):
+        ours = datasets.load_cifar(data.InputSettings.from_config(make_cfg(path, dataset="cifar10")), split)
+        paddles = Cifar10(data_file=str(path), mode=split, download=False, backend="cv2")
+        expected = np.stack([row for row, _ in paddles.data]).reshape(-1, 3, 32, 32)
+        np.testing.assert_array_equal(ours.images, expected)
+        np.testing.assert_array_equal(ours.labels, [label for _, label in paddles.data])
+    assert ours.class_names == tuple(cifar10_label_names(10))
+
+
+def test_cifar10_missing_training_batch(tmp_path):
+    path = write_cifar10_archive(tmp_path / "c10.tar.gz", num_train=20, num_test=5, omit_members=("data_batch_4",))
+    assert_user_error(make_cfg(path, dataset="cifar10"), path, "cifar-10-batches-py/data_batch_4", "CIFAR-10")
+
+
+def test_cifar10_missing_cache_file_names_its_own_archive(tmp_path, monkeypatch):
+    monkeypatch.setattr(paddle.dataset.common, "DATA_HOME", str(tmp_path / "cache"))
+    expected_location = tmp_path / "cache" / "cifar" / "cifar-10-python.tar.gz"
+    assert_user_error(make_cfg(None, dataset="cifar10", download=False), expected_location, "CIFAR-10")
+
+
+def test_cifar10_download_asks_paddle_for_the_official_file_and_checksum(tmp_path, monkeypatch):
+    requested = []
+
+    def fake_download(url, module, md5):
+        requested.append((url, module, md5))
+        return write_cifar10_archive(tmp_path / "c10.tar.gz", num_train=20, num_test=5)
+
+    monkeypatch.setattr(paddle.dataset.common, "download", fake_download)
+    data.prepare_dataset(make_cfg(None, dataset="cifar10", download=True))
+    assert requested == [
+        ("https://dataset.bj.bcebos.com/cifar/cifar-10-python.tar.gz", "cifar", "c58f30108f718f92721af3b95e74349a")
+    ]
+
+
+def test_a_cifar10_member_that_would_run_code_is_refused_unrun(tmp_path):
+    marker = tmp_path / "code_ran"
+    crafted = pickle.dumps({b"data": _RunsCode(marker)}, protocol=2)
+    path = write_cifar10_archive(
+        tmp_path / "c10.tar.gz", num_train=20, num_test=5, member_payloads={"test_batch": crafted}
+    )
+    assert_user_error(make_cfg(path, dataset="cifar10"), path, "cifar-10-batches-py/test_batch", "system")
+    assert not marker.exists()
