@@ -102,6 +102,9 @@ def main(argv=None):
         stop.after_step(outcome["stop"], run.step, total_steps)
         guard.check(outcome["nonfinite"], run.step)
         progress.add(outcome, run.step)
+        if stream.reads_files and due(train_cfg["log_every"], run.step, total_steps):  # see data/loader.py
+            unreadable = sum(distributed.gather(stream.take_unreadable_count(), context))
+            writer.scalars("train", {"unreadable_images": unreadable}, run.step)
         if due(train_cfg["eval_every"], run.step, total_steps):
             selection.evaluate(trainer, run, writer)
         if (due(train_cfg["save_every"], run.step, total_steps) or stop.stopping) and context.is_main:

@@ -1,15 +1,21 @@
-"""The datasets, reduced to one in-memory form (`ImageSet`), and the three splits the project uses.
+"""The datasets, reduced to two forms, and the three splits the project uses.
+
+CIFAR and the digits are held in memory as an `ImageSet`; image files (`folder`, `filelist`) as an
+`image_files.FileSet` of paths, decoded in the loader workers as they are read. Both have labels,
+class names, a source and `subset`, which is all the splits need.
 
 `DATASETS` maps each `data.dataset` name to how it is located (found or downloaded, on one rank
 before the others read) and how its official "train" and "test" splits are loaded; a new dataset is
 one more entry. "val" is `data.val_size` images carved out of the official training set, as
 class-balanced as the class counts allow and fixed by `train.seed`; "train" is the official
 training set without them. Labels are checked against `model.num_classes` here, once, for every
-dataset. Sampling, transforms and loaders work on `ImageSet` alone.
+dataset.
 """
 
 import functools
 import logging
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +26,7 @@ from rdrop.errors import UserError
 
 import numpy as np
 
-from data import cifar
+from data import cifar, image_files
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +110,58 @@ def _all_digits():
     return images, labels
 
 
+# --- image files: `folder` and `filelist` (data/image_files.py) -----------------------------------
+# Indexed once per process (the index is a pure function of the folders or lists); every file is
+# checked by `locate`, which runs on one rank per machine before the others build their loaders.
+
+
+def locate_files(settings):
+    sets = _file_sets(settings)
+    started = time.perf_counter()
+    processes = len(os.sched_getaffinity(0))
+    for file_set in sets.values():
+        image_files.check_files(file_set, processes)
+    logger.info(
+        "checked the %d training and %d test files in %.1f s (%d processes)",
+        len(sets["train"]),
+        len(sets["test"]),
+        time.perf_counter() - started,
+        processes,
+    )
+    return sets["train"].source
+
+
+def load_files(settings, split):
+    return _file_sets(settings)[split]
+
+
+def _file_sets(settings):
+    if settings.dataset == "folder":
+        keys = {"data.train_dir": settings.train_dir, "data.test_dir": settings.test_dir}
+    else:
+        keys = {
+            "data.root": settings.root,
+            "data.train_list": settings.train_list,
+            "data.test_list": settings.test_list,
+        }
+    missing = [key for key, value in keys.items() if value is None]
+    if missing:
+        raise UserError(
+            f"data.dataset: {settings.dataset} reads its images from {' and '.join(keys)}, but "
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. Set "
+            f"{'them' if len(missing) > 1 else 'it'} in the config or with -o {missing[0]}=PATH."
+        )
+    return _indexed(settings.dataset, *keys.values(), settings.class_names_file, settings.num_classes)
+
+
+@functools.lru_cache(maxsize=2)
+def _indexed(dataset, *paths_and_counts):
+    if dataset == "folder":
+        train_dir, test_dir, _, num_classes = paths_and_counts
+        return image_files.index_folders(train_dir, test_dir, num_classes)
+    return image_files.read_file_lists(*paths_and_counts)
+
+
 # --- the registry and the splits ------------------------------------------------------------------
 
 
@@ -115,6 +173,8 @@ class Dataset(NamedTuple):
 DATASETS = {
     "cifar100": Dataset(locate_cifar, load_cifar),
     "cifar10": Dataset(locate_cifar, load_cifar),
+    "folder": Dataset(locate_files, load_files),
+    "filelist": Dataset(locate_files, load_files),
     "digits": Dataset(lambda settings: None, load_digits),
 }
 

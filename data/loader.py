@@ -23,10 +23,20 @@ from rdrop.errors import UserError
 
 import numpy as np
 import paddle
+from PIL import Image
 
 from data.datasets import load_split, locate
+from data.image_files import FileSet
 from data.sampling import StepSizes, StreamPosition, TrainBatchSampler, eval_shard
-from data.transforms import resize_batch, resized_crop, resized_crop_batch, sample_crop_box, whole_image_box
+from data.transforms import (
+    file_eval_pixels,
+    file_train_pixels,
+    resize_batch,
+    resized_crop,
+    resized_crop_batch,
+    sample_crop_box,
+    whole_image_box,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +47,9 @@ SOURCE_IMAGE_BYTES = 3 * 32 * 32
 FEEDER_EXIT_SECONDS = 0.5
 
 
+FILE_DATASET_KEYS = ("train_dir", "test_dir", "root", "train_list", "test_list", "class_names_file")
+
+
 @dataclass(frozen=True)
 class InputSettings:
     """The config keys the input pipeline depends on, all in one place (already validated by
@@ -45,6 +58,12 @@ class InputSettings:
     dataset: str
     data_file: str | None
     download: bool
+    train_dir: str | None
+    test_dir: str | None
+    root: str | None
+    train_list: str | None
+    test_list: str | None
+    class_names_file: str | None
     crop_scale: tuple
     num_workers: int
     val_size: int
@@ -63,6 +82,10 @@ class InputSettings:
             dataset=data["dataset"],
             data_file=data["data_file"],
             download=bool(data["download"]),
+            **{
+                key: data[key]
+                for key in ("train_dir", "test_dir", "root", "train_list", "test_list", "class_names_file")
+            },
             crop_scale=tuple(float(value) for value in data["crop_scale"]),
             num_workers=int(data["num_workers"]),
             val_size=int(data["val_size"]),
@@ -142,6 +165,87 @@ class EvalSamples(paddle.io.Dataset):
         return resized_crop(image, whole_image_box(image.shape[1], image.shape[2]), self._size), label
 
 
+# Image files are decoded here, one at a time, so a worker holds one image whatever the dataset's
+# size. A file that passed the start-of-run check (data/image_files.py) but cannot be decoded now
+# (damaged or replaced since, or corrupt inside its compressed data) never stops the run: training
+# takes the next decodable image of the set in its place, with the crop generator of the original
+# key, and evaluation leaves it out of the metrics. Either way the sample carries the index of the
+# file that failed (NO_FAILURE otherwise), and the loaders log and count it. A training sample also
+# says whether no replacement decoded either, which ends the run with a UserError in the main process.
+
+NO_FAILURE = -1
+# Replacements tried for one sample before the stream stops the run: past this many consecutive
+# unreadable files the storage itself has failed.
+MAX_REPLACEMENTS = 100
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class FileTrainSamples(paddle.io.Dataset):
+    """(float32 3 x S x S normalised, int64 label, int64 failed index, bool no replacement decoded)
+    per (epoch, index) key."""
+
+    def __init__(self, file_set, settings):
+        super().__init__()
+        self.image_set = file_set
+        self._seed = settings.seed
+        self._scale = settings.crop_scale
+        self._size = settings.img_size
+
+    def __len__(self):
+        return len(self.image_set)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        failed = NO_FAILURE
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            replacement = (index + attempt) % len(self.image_set)
+            rng = seeding.generator(self._seed, seeding.Purpose.AUGMENTATION, epoch, index)
+            try:
+                pixels = file_train_pixels(self.image_set.path(replacement), rng, self._size, self._scale)
+            except DECODE_ERRORS:
+                failed = index
+                continue
+            return pixels, self.image_set.labels[replacement], np.int64(failed), np.bool_(False)
+        return (
+            np.zeros((3, self._size, self._size), np.float32),
+            self.image_set.labels[index],
+            np.int64(index),
+            np.bool_(True),
+        )
+
+
+class FileEvalSamples(paddle.io.Dataset):
+    """(float32 3 x S x S normalised, int64 label, int64 failed index) per index; zeros if it failed."""
+
+    def __init__(self, file_set, settings):
+        super().__init__()
+        self.image_set = file_set
+        self._size = settings.img_size
+
+    def __len__(self):
+        return len(self.image_set)
+
+    def __getitem__(self, index):
+        try:
+            pixels, failed = file_eval_pixels(self.image_set.path(index), self._size), NO_FAILURE
+        except DECODE_ERRORS:
+            pixels, failed = np.zeros((3, self._size, self._size), np.float32), index
+        return pixels, self.image_set.labels[index], np.int64(failed)
+
+
+def _samples(image_set, settings, train):
+    if not isinstance(image_set, FileSet):
+        return (TrainSamples if train else EvalSamples)(image_set, settings)
+    if settings.device_augment:
+        raise UserError(
+            f"data.device_augment: true crops and resizes batches of same-sized images on the device, "
+            f"but data.dataset: {settings.dataset} reads images of any size, which are decoded, cropped "
+            "and resized one by one in the loader workers. Set data.device_augment: false (and raise "
+            "data.num_workers to feed the devices)."
+        )
+    return (FileTrainSamples if train else FileEvalSamples)(image_set, settings)
+
+
 # --- the loaders ------------------------------------------------------------------------------------
 
 
@@ -151,7 +255,9 @@ class TrainStream:
     def __init__(self, cfg, rank, world_size):
         self._batches = None  # the live DataLoader iterator, started by the first next()
         self._settings = InputSettings.from_config(cfg)
-        self._samples = TrainSamples(load_split(self._settings, "train"), self._settings)
+        self._samples = _samples(load_split(self._settings, "train"), self._settings, train=True)
+        self.reads_files = isinstance(self._samples.image_set, FileSet)
+        self._unreadable_images = 0  # this process's, since `take_unreadable_count` last read them
         self._rank = rank
         self._sizes = StepSizes(self._settings.global_batch_size, self._settings.micro_batch_size, world_size)
         source = self._samples.image_set.source
@@ -170,6 +276,14 @@ class TrainStream:
                 f"most {self.num_images} (the recipes use 512)."
             )
         self._position = StreamPosition()
+        image_set = self._samples.image_set
+        logger.info(
+            "training on %d images of %d classes from %s (%s)",
+            self.num_images,
+            len(image_set.class_names),
+            source,
+            _listed(image_set.class_names),
+        )
 
     @property
     def num_images(self):
@@ -190,8 +304,13 @@ class TrainStream:
     def __next__(self):
         if self._batches is None:
             self._batches = iter(self._loader_from(self._position))
-        *images, labels = next(self._batches)
+        batch = next(self._batches)
         self._position = self._position.advanced(1, self.batches_per_epoch)
+        if self.reads_files:
+            images, labels, failed, exhausted = batch
+            self._count_unreadable(failed.numpy(), exhausted.numpy())
+            return images, labels
+        *images, labels = batch
         if self._settings.device_augment:
             pixels, boxes = images
             return resized_crop_batch(pixels, boxes, self._settings.img_size), labels
@@ -199,12 +318,15 @@ class TrainStream:
 
     def state_dict(self):
         """Where the next micro-batch comes from, plus what is needed to check a resume."""
-        return {
+        state = {
             "epoch": self._position.epoch,
             "batches_in_epoch": self._position.batches_in_epoch,
             "images_per_step": self.images_per_step,
             "num_images": self.num_images,
         }
+        if self.reads_files:
+            state["files_digest"] = self._samples.image_set.digest()
+        return state
 
     def set_state_dict(self, state):
         """Continue where the stream that produced `state` stopped.
@@ -220,6 +342,15 @@ class TrainStream:
                 f"images, but the current config gives {self.num_images} "
                 f"({self._samples.image_set.source}); data.dataset, data.data_file or "
                 "data.val_size changed. Restore them, or start a new run instead of resuming."
+            )
+        if self.reads_files and state.get("files_digest", self._samples.image_set.digest()) != (
+            self._samples.image_set.digest()
+        ):
+            raise UserError(
+                f"The checkpoint was trained on other files or labels than {self._samples.image_set.source} "
+                f"now lists ({self.num_images} images either way): files were renamed, added, removed or "
+                "relabelled since, so resuming would not continue that run's order. Restore the files, or "
+                "start a new run with model.pretrained pointing at the checkpoint."
             )
         images_taken = batches * saved_step
         if images_taken % self.images_per_step:
@@ -244,6 +375,27 @@ class TrainStream:
 
     def __del__(self):
         self.close()
+
+    def _count_unreadable(self, failed, exhausted):
+        image_set = self._samples.image_set
+        if exhausted.any():
+            first = int(failed[exhausted][0])
+            raise UserError(
+                f"None of the {MAX_REPLACEMENTS + 1} training files from {image_set.describe(first)} on "
+                "can be decoded any more, although they passed the check at the start of the run: the "
+                "storage holding them has failed or changed. Fix it, then resume with -o train.resume=auto."
+            )
+        for index in failed[failed != NO_FAILURE]:
+            self._unreadable_images += 1
+            logger.warning(
+                "%s cannot be decoded any more; trained on the next readable image in its place",
+                image_set.describe(int(index)),
+            )
+
+    def take_unreadable_count(self):
+        """Training files of this process replaced since the last call (image files only)."""
+        count, self._unreadable_images = self._unreadable_images, 0
+        return count
 
     def _parse_state(self, state):
         try:
@@ -271,21 +423,47 @@ class TrainStream:
 
 
 class EvalLoader:
-    """This rank's shard of an evaluation split as (images, labels) batches ready for the model."""
+    """This rank's shard of an evaluation split as (images, labels) batches ready for the model.
+
+    Image files that cannot be decoded any more are left out of the batches, logged, and counted in
+    `unreadable_images` (of the last pass over the shard)."""
 
     def __init__(self, image_set, settings):
         self._settings = settings
-        self._loader = _data_loader(EvalSamples(image_set, settings), settings, settings.eval_batch_size)
+        self._image_set = image_set
+        samples = _samples(image_set, settings, train=False)
+        self._loader = _data_loader(samples, settings, settings.eval_batch_size)
+        self.unreadable_images = 0
 
     def __len__(self):
         """Batches in this rank's shard (for progress reports)."""
         return len(self._loader)
 
     def __iter__(self):
-        for images, labels in self._loader:
+        self.unreadable_images = 0
+        for images, labels, *failed in self._loader:
+            if failed:
+                images, labels = self._without_unreadable(images, labels, failed[0].numpy())
+                if not len(labels):
+                    continue
             if self._settings.device_augment:
                 images = resize_batch(images, self._settings.img_size)
             yield images, labels
+
+    def _without_unreadable(self, images, labels, failed):
+        unreadable = failed != NO_FAILURE
+        for index in failed[unreadable]:
+            self.unreadable_images += 1
+            logger.warning(
+                "%s cannot be decoded any more; left out of this evaluation (%d such images in it so far "
+                "on this process)",
+                self._image_set.describe(int(index)),
+                self.unreadable_images,
+            )
+        if not unreadable.any():
+            return images, labels
+        keep = paddle.to_tensor(np.flatnonzero(~unreadable))
+        return paddle.gather(images, keep), paddle.gather(labels, keep)
 
 
 def build_eval_loader(cfg, split, rank, world_size):
@@ -343,3 +521,8 @@ def _shared_memory_fits(settings, batch_size):
         )
         return False
     return True
+
+
+def _listed(names, limit=5):
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... {names[-1]}" if len(names) > limit else "")

@@ -15,7 +15,8 @@ coordinate start + (o + 0.5) * length / out_size - 0.5, clamped to [0, in_size -
 interpolation. For a whole-image box this is plain bilinear resize with half-pixel centres
 (`align_corners=False`). Unlike PIL, which crops first, a crop's edge samples may blend in up to
 half a pixel of the neighbouring image content; there is no anti-aliasing when shrinking (the
-recipe only enlarges 32x32 images).
+recipe only enlarges 32x32 images). Image files of any size (`folder`, `filelist`) take their own
+path, with Pillow: see the image-files section below.
 """
 
 import math
@@ -24,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import paddle
 import paddle.nn.functional as F
+from PIL import Image, ImageOps
 
 MEAN = 0.5
 STD = 0.5
@@ -101,6 +103,55 @@ def resized_crop(image, box, out_size):
     blend *= row_weight[:, None]
     out += blend
     return out
+
+
+# --- image files (`folder`, `filelist`, predict.py): open -> decode -> RGB -> crop/resize -> normalised ---
+# Every image file goes through `load_rgb`: EXIF orientation applied (as PaddleClas's OpenCV decode
+# does), then RGB. Pillow's own conversion serves every mode but 16-bit greyscale, which it clips to
+# white: I;16 and I images are scaled from 0..65535 to 0..255 instead. Alpha (LA, RGBA, PA) is
+# dropped, not composited, as torchvision's loader does; palette images take their palette colours;
+# CMYK uses Pillow's plain conversion. Images of any size shrink as well as enlarge, so these resize
+# with Pillow's antialiased bilinear filter to uint8 (torchvision's and Paddle's PIL transforms, as
+# the public code's ImageNet pipeline), not with `resized_crop`, which the device path mirrors.
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_BIT_MAX = 65535
+
+
+def load_rgb(path):
+    """The file's first frame as an RGB Pillow image (raises what Pillow raises on a broken file)."""
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image):
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        grey = np.rint(np.clip(values, 0, SIXTEEN_BIT_MAX) * (255.0 / SIXTEEN_BIT_MAX)).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def file_train_pixels(path, rng, img_size, crop_scale):
+    """Training: float32 3 x img_size x img_size, a RandomResizedCrop of the file (box from
+    `sample_crop_box`, cropped then resized as torchvision's resized_crop), normalised."""
+    image = load_rgb(path)
+    box = sample_crop_box(rng, image.height, image.width, crop_scale)
+    crop = image.crop((box.left, box.top, box.left + box.width, box.top + box.height))
+    return _normalised_chw(crop.resize((img_size, img_size), Image.Resampling.BILINEAR))
+
+
+def file_eval_pixels(path, img_size):
+    """Evaluation and predict: float32 3 x img_size x img_size, the whole file resized to a square
+    (the public code's `Resize((S, S))`), normalised."""
+    return _normalised_chw(load_rgb(path).resize((img_size, img_size), Image.Resampling.BILINEAR))
+
+
+def _normalised_chw(image):
+    return normalize(np.asarray(image, dtype=np.uint8)).transpose(2, 0, 1)
 
 
 # --- the device path: whole batches, on whatever device they live on ---------------------------------

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from data.loader import FILE_DATASET_KEYS
+
 
 def make_cfg(
     data_file,
@@ -23,6 +25,7 @@ def make_cfg(
         "num_workers": 0,
         "val_size": 0,
         "device_augment": False,
+        **dict.fromkeys(FILE_DATASET_KEYS),
     }
     data_section.update(data)
     return {

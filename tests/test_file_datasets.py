@@ -8,10 +8,10 @@ from rdrop.errors import UserError
 import numpy as np
 import paddle.vision.transforms.functional as paddle_functional
 import pytest
-from image_files import IMAGE_KINDS, LOSSY_FORMATS, write_file_list, write_folder_tree, write_image
+from image_trees import IMAGE_KINDS, LOSSY_FORMATS, write_file_list, write_folder_tree, write_image
 from PIL import Image
 
-from data import file_images, file_index
+from data import image_files, transforms
 from data.transforms import sample_crop_box
 
 
@@ -46,7 +46,7 @@ def listed(file_set):
 
 def test_folder_classes_are_sorted_subfolder_names_with_one_mapping(tree):
     train, test = tree
-    sets = file_index.index_folders(str(train), str(test), num_classes=3)
+    sets = image_files.index_folders(str(train), str(test), num_classes=3)
     assert sets["train"].class_names == sets["test"].class_names == ("Moth", "ant", "zebra")
     assert listed(sets["train"]) == [
         ("Moth/000.tiff", 0),
@@ -71,7 +71,7 @@ def test_index_is_the_same_whatever_order_files_were_created_in(tmp_path):
             os.makedirs(root / split / "only")
             for name in order:
                 (root / split / "only" / name).write_bytes(b"x")
-        sets = file_index.index_folders(str(root / "train"), str(root / "test"), num_classes=1)
+        sets = image_files.index_folders(str(root / "train"), str(root / "test"), num_classes=1)
         indexes.append(listed(sets["train"]))
     assert indexes[0] == indexes[1] == [(f"only/{name}", 0) for name in sorted(names)]
 
@@ -79,10 +79,10 @@ def test_index_is_the_same_whatever_order_files_were_created_in(tmp_path):
 def test_every_accepted_extension_in_any_case_is_indexed(tmp_path):
     for split in ("train", "test"):
         os.makedirs(tmp_path / split / "c")
-        for extension in file_index.IMAGE_EXTENSIONS + (".gif", ".txt"):
+        for extension in image_files.IMAGE_EXTENSIONS + (".gif", ".txt"):
             for name in (f"x{extension}", f"y{extension.upper()}"):
                 (tmp_path / split / "c" / name).write_bytes(b"x")
-    sets = file_index.index_folders(str(tmp_path / "train"), str(tmp_path / "test"), num_classes=1)
+    sets = image_files.index_folders(str(tmp_path / "train"), str(tmp_path / "test"), num_classes=1)
     suffixes = {os.path.splitext(path)[1].lower() for path, _ in listed(sets["train"])}
     assert suffixes == {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
     assert len(sets["train"]) == 18
@@ -91,35 +91,35 @@ def test_every_accepted_extension_in_any_case_is_indexed(tmp_path):
 def test_a_test_class_unknown_to_training_is_an_error(tree):
     train, test = tree
     write_folder_tree(test, {"spider": 1})
-    assert_user_error(lambda: file_index.index_folders(str(train), str(test), 3), "spider", "data.test_dir")
+    assert_user_error(lambda: image_files.index_folders(str(train), str(test), 3), "spider", "data.test_dir")
 
 
 def test_an_empty_class_folder_is_an_error(tree):
     train, test = tree
     os.makedirs(train / "empty" / "sub")
     (train / "empty" / "readme.txt").write_text("no images")
-    assert_user_error(lambda: file_index.index_folders(str(train), str(test), 4), train / "empty", "no image files")
+    assert_user_error(lambda: image_files.index_folders(str(train), str(test), 4), train / "empty", "no image files")
 
 
 @pytest.mark.parametrize("num_classes", [2, 4])
 def test_num_classes_must_match_the_class_folders(tree, num_classes):
     train, test = tree
     assert_user_error(
-        lambda: file_index.index_folders(str(train), str(test), num_classes), "3 class folders", "model.num_classes: 3"
+        lambda: image_files.index_folders(str(train), str(test), num_classes), "3 class folders", "model.num_classes: 3"
     )
 
 
 def test_missing_or_flat_training_folder(tmp_path):
-    assert_user_error(lambda: file_index.index_folders(str(tmp_path / "no"), str(tmp_path), 2), tmp_path / "no")
+    assert_user_error(lambda: image_files.index_folders(str(tmp_path / "no"), str(tmp_path), 2), tmp_path / "no")
     (tmp_path / "a.jpg").write_bytes(b"x")
-    assert_user_error(lambda: file_index.index_folders(str(tmp_path), str(tmp_path), 2), "no sub-folders")
+    assert_user_error(lambda: image_files.index_folders(str(tmp_path), str(tmp_path), 2), "no sub-folders")
 
 
 def test_a_symlink_loop_between_folders_is_an_error(tree):
     train, test = tree
     os.symlink("..", train / "zebra" / "up")
     assert_user_error(
-        lambda: file_index.index_folders(str(train), str(test), 3), train / "zebra" / "up", "symlink loop"
+        lambda: image_files.index_folders(str(train), str(test), 3), train / "zebra" / "up", "symlink loop"
     )
 
 
@@ -128,11 +128,11 @@ def test_a_symlinked_class_folder_and_file_are_followed(tree, tmp_path):
     write_folder_tree(tmp_path / "elsewhere", {"wasp": 1})
     os.symlink(tmp_path / "elsewhere" / "wasp", train / "wasp")
     os.symlink(train / "ant" / "001.png", train / "zebra" / "linked.png")
-    sets = file_index.index_folders(str(train), str(test), num_classes=4)
+    sets = image_files.index_folders(str(train), str(test), num_classes=4)
     assert sets["train"].class_names == ("Moth", "ant", "wasp", "zebra")
     assert ("wasp/000.png", 2) in listed(sets["train"])
     assert ("zebra/linked.png", 3) in listed(sets["train"])
-    file_index.check_files(sets["train"], processes=1)
+    image_files.check_files(sets["train"], processes=1)
 
 
 def test_file_lists_as_paddleclas_writes_them(tmp_path):
@@ -142,12 +142,12 @@ def test_file_lists_as_paddleclas_writes_them(tmp_path):
     test_list.write_text("\nimages/a/001.PNG\t1\n\n")
     names = tmp_path / "labels.txt"
     names.write_text("0 tench, Tinca tinca\n1 goldfish\n")
-    sets = file_index.read_file_lists(str(tmp_path), str(train_list), str(test_list), str(names), 2)
+    sets = image_files.read_file_lists(str(tmp_path), str(train_list), str(test_list), str(names), 2)
     assert listed(sets["train"]) == [("images/a/000.png", 1), ("images/b b/000.png", 0)]
     assert listed(sets["test"]) == [("images/a/001.PNG", 1)]
     assert sets["test"].class_names == ("tench, Tinca tinca", "goldfish")
     assert sets["test"].describe(0) == f"{test_list} line 2 ({tmp_path / 'images/a/001.PNG'})"
-    without_names = file_index.read_file_lists(str(tmp_path), str(train_list), str(test_list), None, 2)
+    without_names = image_files.read_file_lists(str(tmp_path), str(train_list), str(test_list), None, 2)
     assert without_names["train"].class_names == ("0", "1")
 
 
@@ -166,7 +166,7 @@ def test_a_bad_list_line_is_named(tmp_path, line, fragment):
     bad.write_text(f"x.png 0\n{line}\n")
     for train, test in ((bad, good), (good, bad)):
         assert_user_error(
-            lambda train=train, test=test: file_index.read_file_lists(str(tmp_path), str(train), str(test), None, 3),
+            lambda train=train, test=test: image_files.read_file_lists(str(tmp_path), str(train), str(test), None, 3),
             bad,
             "line 2",
             fragment,
@@ -176,15 +176,17 @@ def test_a_bad_list_line_is_named(tmp_path, line, fragment):
 def test_list_classes_must_match_num_classes(tmp_path):
     listing = write_file_list(tmp_path / "l.txt", [("x.png", 0), ("y.png", 1)])
     assert_user_error(
-        lambda: file_index.read_file_lists(str(tmp_path), str(listing), str(listing), None, 3), "2 classes"
+        lambda: image_files.read_file_lists(str(tmp_path), str(listing), str(listing), None, 3), "2 classes"
     )
     names = tmp_path / "names.txt"
     names.write_text("0 a\n1 b\n")
     assert_user_error(
-        lambda: file_index.read_file_lists(str(tmp_path), str(listing), str(listing), str(names), 3), names, "2 classes"
+        lambda: image_files.read_file_lists(str(tmp_path), str(listing), str(listing), str(names), 3),
+        names,
+        "2 classes",
     )
     names.write_text("0 a\n2 b\n1 c\n")
-    sets = file_index.read_file_lists(str(tmp_path), str(listing), str(listing), str(names), 3)
+    sets = image_files.read_file_lists(str(tmp_path), str(listing), str(listing), str(names), 3)
     assert sets["train"].class_names == ("a", "c", "b")
 
 
@@ -196,16 +198,16 @@ def test_a_bad_class_names_file_is_named(tmp_path, content, fragment):
     names.write_text(content)
     listing = write_file_list(tmp_path / "l.txt", [("x.png", 0)])
     assert_user_error(
-        lambda: file_index.read_file_lists(str(tmp_path), str(listing), str(listing), str(names), 2), names, fragment
+        lambda: image_files.read_file_lists(str(tmp_path), str(listing), str(listing), str(names), 2), names, fragment
     )
 
 
 def test_valid_images_of_every_kind_pass_the_check(tmp_path):
     write_folder_tree(tmp_path / "train", {"a": len(IMAGE_KINDS)})
     write_folder_tree(tmp_path / "test", {"a": 1})
-    file_set = file_index.index_folders(str(tmp_path / "train"), str(tmp_path / "test"), 1)["train"]
+    file_set = image_files.index_folders(str(tmp_path / "train"), str(tmp_path / "test"), 1)["train"]
     for processes in (1, 2):
-        file_index.check_files(file_set, processes)
+        image_files.check_files(file_set, processes)
 
 
 def _jpeg_bytes(tmp_path):
@@ -235,10 +237,10 @@ def test_broken_files_are_named_before_training(tmp_path, name, content, fragmen
     else:
         (images / "a" / name).write_bytes(content(full))
     listing = write_file_list(tmp_path / "l.txt", [("a/000.png", 0), (f"a/{name}", 0), ("a/001.PNG", 0)])
-    file_set = file_index.read_file_lists(str(images), str(listing), str(listing), None, 1)["train"]
+    file_set = image_files.read_file_lists(str(images), str(listing), str(listing), None, 1)["train"]
     for processes in (1, 2):
         assert_user_error(
-            lambda processes=processes: file_index.check_files(file_set, processes),
+            lambda processes=processes: image_files.check_files(file_set, processes),
             "1 of the 3",
             f"{listing} line 2",
             fragment,
@@ -249,8 +251,8 @@ def test_missing_listed_files_and_symlink_loops_are_named(tmp_path):
     write_folder_tree(tmp_path, {"a": 1})
     os.symlink("loop.png", tmp_path / "a" / "loop.png")
     listing = write_file_list(tmp_path / "l.txt", [("a/000.png", 0), ("a/gone.png", 0), ("a/loop.png", 0)])
-    file_set = file_index.read_file_lists(str(tmp_path), str(listing), str(listing), None, 1)["train"]
-    message = assert_user_error(lambda: file_index.check_files(file_set, 1), "2 of the 3", "line 2", "does not exist")
+    file_set = image_files.read_file_lists(str(tmp_path), str(listing), str(listing), None, 1)["train"]
+    message = assert_user_error(lambda: image_files.check_files(file_set, 1), "2 of the 3", "line 2", "does not exist")
     assert "line 3" in message and "symlink loop" in message
 
 
@@ -258,14 +260,14 @@ def test_a_jpeg_with_trailing_bytes_is_decoded_and_accepted(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.jpg").write_bytes(_jpeg_bytes(tmp_path) + b"\0" * 500)
     listing = write_file_list(tmp_path / "l.txt", [("a/x.jpg", 0)])
-    file_index.check_files(file_index.read_file_lists(str(tmp_path), str(listing), str(listing), None, 1)["train"], 1)
+    image_files.check_files(image_files.read_file_lists(str(tmp_path), str(listing), str(listing), None, 1)["train"], 1)
 
 
 @pytest.mark.parametrize("mode, image_format, extension", IMAGE_KINDS)
 def test_every_mode_and_format_reads_as_the_expected_rgb(tmp_path, mode, image_format, extension):
     path = tmp_path / f"x{extension}"
     expected = write_image(path, np.random.default_rng(5), mode, image_format, 23, 31)
-    rgb = file_images.load_rgb(path)
+    rgb = transforms.load_rgb(path)
     assert rgb.mode == "RGB" and rgb.size == (31, 23)
     pixels = np.asarray(rgb).astype(np.int64)
     if image_format in LOSSY_FORMATS:
@@ -279,21 +281,21 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif)
-    assert file_images.load_rgb(tmp_path / "r.jpg").size == (10, 30)
+    assert transforms.load_rgb(tmp_path / "r.jpg").size == (10, 30)
 
 
 def test_eval_pixels_are_the_public_codes_resize_then_normalise(tmp_path):
     expected = write_image(tmp_path / "x.png", np.random.default_rng(6), "L", "PNG", 37, 19)
     resized = paddle_functional.resize(Image.fromarray(expected), (24, 24), "bilinear")
     reference = (np.asarray(resized, dtype=np.float32) / 255.0 - 0.5) / 0.5
-    out = file_images.eval_pixels(tmp_path / "x.png", 24)
+    out = transforms.file_eval_pixels(tmp_path / "x.png", 24)
     assert out.dtype == np.float32 and out.shape == (3, 24, 24)
     np.testing.assert_allclose(out, reference.transpose(2, 0, 1), atol=1e-6)
 
 
 def test_train_pixels_are_the_recipes_random_resized_crop(tmp_path):
     expected = write_image(tmp_path / "x.bmp", np.random.default_rng(7), "RGB", "BMP", 50, 70)
-    out = file_images.train_pixels(tmp_path / "x.bmp", np.random.default_rng(11), 16, (0.2, 0.6))
+    out = transforms.file_train_pixels(tmp_path / "x.bmp", np.random.default_rng(11), 16, (0.2, 0.6))
     box = sample_crop_box(np.random.default_rng(11), 50, 70, (0.2, 0.6))
     crop = paddle_functional.crop(Image.fromarray(expected), box.top, box.left, box.height, box.width)
     reference = (np.asarray(paddle_functional.resize(crop, (16, 16), "bilinear"), dtype=np.float32) / 255.0 - 0.5) / 0.5

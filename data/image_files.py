@@ -15,6 +15,7 @@ counts change (what makes per-worker memory grow with the dataset in a list-of-s
 """
 
 import errno
+import hashlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +74,13 @@ class FileSet:
         if self.lines is None:
             return self.path(index)
         return f"{self.source} line {self.lines[index]} ({self.path(index)})"
+
+    def digest(self):
+        """SHA-256 of the relative paths and labels, in order: what a resume must find unchanged."""
+        hasher = hashlib.sha256(self.names)
+        hasher.update(self.offsets.tobytes())
+        hasher.update(self.labels.tobytes())
+        return hasher.hexdigest()
 
     def subset(self, indices):
         indices = np.arange(len(self))[indices]
