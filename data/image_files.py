@@ -97,6 +97,8 @@ class FileSet:
 def index_folders(train_dir, test_dir, num_classes):
     """{"train": FileSet, "test": FileSet} of the two class-per-folder trees."""
     classes = _class_folders(train_dir, "data.train_dir")
+    label_of = {name: label for label, name in enumerate(classes)}
+    train = _folder_set(train_dir, classes, label_of, classes)  # an empty class folder is named first
     if len(classes) != num_classes:
         raise UserError(
             f"data.train_dir {train_dir} has {len(classes)} class folders ({_shown(classes)}) but "
@@ -111,11 +113,7 @@ def index_folders(train_dir, test_dir, num_classes):
             f"have: {_shown(unknown)}. The model can only predict the training classes; rename or "
             "remove those folders, or add them to the training folder."
         )
-    label_of = {name: label for label, name in enumerate(classes)}
-    return {
-        "train": _folder_set(train_dir, classes, label_of, classes),
-        "test": _folder_set(test_dir, test_classes, label_of, classes),
-    }
+    return {"train": train, "test": _folder_set(test_dir, test_classes, label_of, classes)}
 
 
 def read_file_lists(root, train_list, test_list, class_names_file, num_classes):

@@ -181,7 +181,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompression
 
 
 class FileTrainSamples(paddle.io.Dataset):
-    """(float32 3 x S x S normalised, int64 label, int64 failed index, bool no replacement decoded)
+    """(float32 3 x S x S normalised, int64 label, int64 failed index, int64 1 if no replacement decoded)
     per (epoch, index) key."""
 
     def __init__(self, file_set, settings):
@@ -205,12 +205,12 @@ class FileTrainSamples(paddle.io.Dataset):
             except DECODE_ERRORS:
                 failed = index
                 continue
-            return pixels, self.image_set.labels[replacement], np.int64(failed), np.bool_(False)
+            return pixels, self.image_set.labels[replacement], np.int64(failed), np.int64(0)
         return (
             np.zeros((3, self._size, self._size), np.float32),
             self.image_set.labels[index],
             np.int64(index),
-            np.bool_(True),
+            np.int64(1),
         )
 
 
@@ -308,7 +308,7 @@ class TrainStream:
         self._position = self._position.advanced(1, self.batches_per_epoch)
         if self.reads_files:
             images, labels, failed, exhausted = batch
-            self._count_unreadable(failed.numpy(), exhausted.numpy())
+            self._count_unreadable(failed.numpy(), exhausted.numpy().astype(bool))
             return images, labels
         *images, labels = batch
         if self._settings.device_augment:

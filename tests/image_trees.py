@@ -97,3 +97,57 @@ def write_file_list(path, entries):
     with open(path, "w", encoding="utf-8") as stream:
         stream.writelines(f"{relative} {label}\n" for relative, label in entries)
     return path
+
+
+# Lossless (mode, format, extension) kinds that keep a constant colour exactly.
+COLOUR_KINDS = (
+    ("RGB", "PNG", ".png"),
+    ("RGBA", "PNG", ".png"),
+    ("P", "BMP", ".bmp"),
+    ("RGB", "TIFF", ".tif"),
+    ("RGB", "PPM", ".ppm"),
+    ("RGB", "BMP", ".BMP"),
+)
+
+
+def colour_of(serial):
+    """A distinct RGB colour per image serial number (up to 4096 images)."""
+    return (16 * (serial % 16) + 8, 16 * (serial // 16 % 16) + 8, 16 * (serial // 256) + 8)
+
+
+def write_coloured_image(path, serial, height, width, kind):
+    """An image of one flat colour, `colour_of(serial)`: any crop or resize of it keeps that colour,
+    so a batch tells which images it holds."""
+    mode, image_format, _ = kind
+    rgb = np.empty((height, width, 3), dtype=np.uint8)
+    rgb[:] = colour_of(serial)
+    image = Image.fromarray(rgb)
+    if mode == "RGBA":
+        image.putalpha(128)
+    elif mode == "P":
+        image = image.quantize(colors=2)
+    image.save(path, format=image_format)
+
+
+def write_coloured_tree(root, class_counts, first_serial=0, seed=0):
+    """root/<class>/<i><ext> of flat-coloured images of varied size and kind; returns
+    {relative path: serial} (serials counted from first_serial in writing order)."""
+    rng = np.random.default_rng(seed)
+    serials = {}
+    for name, count in class_counts.items():
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(count):
+            serial = first_serial + len(serials)
+            kind = COLOUR_KINDS[serial % len(COLOUR_KINDS)]
+            relative = f"{name}/{i:03d}{kind[2]}"
+            height, width = (int(side) for side in rng.integers(5, 41, size=2))
+            write_coloured_image(os.path.join(root, relative), serial, height, width, kind)
+            serials[relative] = serial
+    return serials
+
+
+def serials_in(images):
+    """The serial of each flat-coloured image in a batch of model-ready images (normalised to [-1, 1])."""
+    pixels = np.rint((np.asarray(images, dtype=np.float64).mean(axis=(2, 3)) + 1.0) * 127.5).astype(np.int64)
+    lookup = {colour_of(serial): serial for serial in range(4096)}
+    return [lookup[tuple(int(value) for value in colour)] for colour in pixels]
