@@ -237,6 +237,25 @@ def test_a_folder_run_trains_evaluates_and_exports_with_its_class_names(tmp_path
     assert len(results) == 4 and all(sorted(n for n, _ in ranked) == sorted(CLASSES) for _, ranked, _ in results)
 
 
+def test_a_run_logs_and_counts_files_that_stop_decoding(tmp_path, folders, monkeypatch):
+    shutil.copytree(folders[0], tmp_path / "train")
+    shutil.copytree(folders[1], tmp_path / "val")
+    for split in ("train", "val"):
+        damaged = next((tmp_path / split / "owl").glob("000.*"))
+        damaged.write_bytes(damaged.read_bytes()[:60])
+    monkeypatch.setattr(data.image_files, "check_files", lambda file_set, processes: None)  # as if damaged later
+    data_section = {"train_dir": str(tmp_path / "train"), "test_dir": str(tmp_path / "val")}
+    train.main(["--config", folder_run_config(tmp_path, folders, data=data_section)])
+    log = (tmp_path / "run" / "train.log").read_text()
+    from visualdl import LogReader
+
+    reader = LogReader(file_path=str(next((tmp_path / "run" / "vdl").iterdir())))
+    counts = [record.value for record in reader.get_data("scalar", "train/unreadable_images")]
+    replaced = log.count("owl/000.png cannot be decoded any more; trained on the next readable image")
+    assert len(counts) == 3 and sum(counts) == replaced > 0
+    assert "left out of this evaluation" in log and "(10 images;" in log and "Traceback" not in log
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [2, 3])
 def test_every_test_file_is_counted_once_by_eval_on_several_processes(tmp_path, folders, processes):
