@@ -150,6 +150,24 @@ def file_eval_pixels(path, img_size):
     return _normalised_chw(load_rgb(path).resize((img_size, img_size), Image.Resampling.BILINEAR))
 
 
+# How the evaluation of a dataset resizes, as export.py records it for predict.py.
+ARRAY_RESIZE = "whole image, bilinear with half-pixel centres (data.transforms.resized_crop)"
+FILE_RESIZE = "whole image, Pillow's antialiased bilinear to uint8 (data.transforms.file_eval_pixels)"
+FILE_DATASETS = ("folder", "filelist")
+
+
+def eval_resize(dataset):
+    return FILE_RESIZE if dataset in FILE_DATASETS else ARRAY_RESIZE
+
+
+def prepared_for_prediction(path, img_size, resize):
+    """An image file prepared as the evaluation of the model's dataset prepares its test images."""
+    if resize == FILE_RESIZE:
+        return file_eval_pixels(path, img_size)
+    pixels = np.asarray(load_rgb(path), dtype=np.uint8).transpose(2, 0, 1)
+    return resized_crop(pixels, whole_image_box(*pixels.shape[1:]), img_size)
+
+
 def _normalised_chw(image):
     return normalize(np.asarray(image, dtype=np.uint8)).transpose(2, 0, 1)
 

@@ -58,7 +58,7 @@ def export_metadata(cfg, class_names, checkpoint, config_path, onnx):
         "std": [transforms.STD] * channels,
         "pixel_scale": 255.0,
         "input": "float32 N x 3 x img_size x img_size, RGB, (pixel / pixel_scale - mean) / std",
-        "resize": "whole image, bilinear with half-pixel centres (data.transforms.resized_crop)",
+        "resize": transforms.eval_resize(cfg["data"]["dataset"]),
         "num_classes": cfg["model"]["num_classes"],
         "class_names": class_names,
         "params_file": inference.PARAMS_FILE,

@@ -12,11 +12,13 @@ the others are still classified; the exit code is then 2, as for any input error
 all results to a .json (a list of {file, predictions: [{class, probability}], error}) or .csv file
 (file, error, then class_1, probability_1, ... up to --top), replaced atomically.
 
-Images are converted to RGB and preprocessed exactly as evaluation preprocesses test images, by the
-same function (`data.transforms.resized_crop` on the whole image): resized to the exported img_size
-with bilinear sampling, then normalised. Like evaluation, the whole image is resized to a square (no
-centre crop), and there is no anti-aliasing when shrinking: the model was fine-tuned on 32 x 32
-CIFAR images enlarged to img_size, so photos far larger than that are a different input distribution.
+Images become RGB as in training and evaluation (`data.transforms.load_rgb`: EXIF orientation, any
+mode) and are preprocessed exactly as the evaluation of the model's dataset preprocesses test images
+(the export's metadata says which): the whole image resized to a square of the exported img_size (no
+centre crop), then normalised. For CIFAR and digits models that is `data.transforms.resized_crop`,
+without anti-aliasing when shrinking (they were fine-tuned on 32 x 32 images enlarged to img_size, so
+photos far larger than that are a different input distribution); for models trained on image files
+(`folder`, `filelist`) it is Pillow's antialiased bilinear resize (`data.transforms.file_eval_pixels`).
 
 --runtime onnx runs the export's model.onnx (written by export.py --onnx) through onnxruntime instead of
 Paddle: pip install -r requirements/export.txt.
@@ -32,7 +34,7 @@ from rdrop import atomic, inference, runtime
 from rdrop.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from data import transforms
 
@@ -71,6 +73,7 @@ def read_metadata(model_dir, runtime_name):
         else:
             model_files = [os.path.join(model_dir, metadata[key]) for key in ("program_file", "params_file")]
         img_size, class_names = metadata["img_size"], metadata["class_names"]
+        resize = metadata.get("resize", transforms.ARRAY_RESIZE)
         normalisation = (metadata["mean"], metadata["std"], metadata["pixel_scale"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise _not_exported(model_dir, f"{path} is missing or incomplete ({type(error).__name__}: {error})") from None
@@ -99,7 +102,7 @@ def read_metadata(model_dir, runtime_name):
             f"{expected[0]}, std {expected[1]} on pixels / {expected[2]}. Use the predict.py of the "
             f"version that exported it, or export it again."
         )
-    return img_size, class_names
+    return img_size, class_names, resize
 
 
 def load_model(model_dir, runtime_name="paddle"):
@@ -107,7 +110,7 @@ def load_model(model_dir, runtime_name="paddle"):
     `runtime_name`, and the export's (img_size, class names); checked by classifying one blank image."""
     if runtime_name == "onnx":
         (onnxruntime,) = inference.import_packages(("onnxruntime",), "--runtime onnx")
-    img_size, class_names = read_metadata(model_dir, runtime_name)
+    img_size, class_names, resize = read_metadata(model_dir, runtime_name)
     try:
         model = (
             inference.onnx_runner(model_dir, onnxruntime)
@@ -126,7 +129,7 @@ def load_model(model_dir, runtime_name="paddle"):
         raise _not_exported(
             model_dir, f"the model has {width} outputs but metadata.json names {len(class_names)} classes"
         )
-    return model, img_size, class_names
+    return model, img_size, class_names, resize
 
 
 def image_files(arguments):
@@ -149,17 +152,14 @@ def image_files(arguments):
     return found
 
 
-def preprocess(path, img_size):
+def preprocess(path, img_size, resize):
     """float32 3 x img_size x img_size: the file's pixels prepared as evaluation prepares test images."""
     try:
-        with Image.open(path) as image:
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
+        return transforms.prepared_for_prediction(path, img_size, resize)
     except Image.DecompressionBombError as error:
         raise UserError(f"refused: {error}") from None
-    except (OSError, ValueError, SyntaxError) as error:  # Pillow's decoders raise these on broken files
+    except (OSError, ValueError, SyntaxError, EOFError) as error:  # Pillow's decoders raise these on broken files
         raise UserError(f"not a readable image ({type(error).__name__}: {error})") from None
-    pixels = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)  # HWC -> CHW, as the datasets store images
-    return transforms.resized_crop(pixels, transforms.whole_image_box(*pixels.shape[1:]), img_size)
 
 
 def softmax(logits):
@@ -168,12 +168,12 @@ def softmax(logits):
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def classify(model, img_size, class_names, paths, top):
+def classify(model, img_size, resize, class_names, paths, top):
     """{path: (ranked [(class name, probability)] best first, or None; error message or None)}."""
     results, readable = {}, []
     for path in paths:
         try:
-            readable.append((path, preprocess(path, img_size)))
+            readable.append((path, preprocess(path, img_size, resize)))
         except UserError as error:
             results[path] = (None, str(error))
     for start in range(0, len(readable), BATCH_SIZE):
@@ -187,9 +187,9 @@ def classify(model, img_size, class_names, paths, top):
 
 def predict(model_dir, arguments, top=5, runtime_name="paddle"):
     """[(path, ranked or None, error or None)] in argument order, folders expanded (see the module doc)."""
-    model, img_size, class_names = load_model(model_dir, runtime_name)
+    model, img_size, class_names, resize = load_model(model_dir, runtime_name)
     found = image_files(arguments)
-    results = classify(model, img_size, class_names, [path for path, error in found if error is None], top)
+    results = classify(model, img_size, resize, class_names, [path for path, error in found if error is None], top)
     return [(path, *results[path]) if error is None else (path, None, error) for path, error in found]
 
 

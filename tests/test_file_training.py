@@ -22,6 +22,7 @@ from test_faults import start_launched, wait_for_step, worker_logs
 import data
 import eval as evaluate_script
 import train
+from data import transforms
 
 TRAIN_COUNTS = {"wren": 7, "Crow": 5, "owl": 6, "finch": 4}  # 22 images
 TEST_COUNTS = {"owl": 4, "wren": 4, "Crow": 3}  # 11: not divisible by 2 or 3; finch has no test images
@@ -232,6 +233,7 @@ def test_a_folder_run_trains_evaluates_and_exports_with_its_class_names(tmp_path
     export.main(["--checkpoint", best, "--output", str(tmp_path / "exported")])
     metadata = json.loads((tmp_path / "exported" / "metadata.json").read_text())
     assert metadata["class_names"] == list(CLASSES)
+    assert metadata["resize"] == transforms.FILE_RESIZE  # predict prepares files as evaluation did
     predict = load_script("predict")
     results = predict.predict(str(tmp_path / "exported"), [str(folders[1] / "owl")], top=4)
     assert len(results) == 4 and all(sorted(n for n, _ in ranked) == sorted(CLASSES) for _, ranked, _ in results)
