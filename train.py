@@ -80,6 +80,7 @@ def main(argv=None):
         data.prepare_dataset(cfg)  # one download per machine, not one per process into the same file
     distributed.barrier(context)
     stream = data.TrainStream(cfg, context.rank, context.world_size)
+    stream.check_same_files_everywhere(lambda value: distributed.gather(value, context))
     run.restore_stream(stream)
     split = evaluation.selection_split(cfg)
     selection = evaluation.Selection(cfg, context, data.build_eval_loader(cfg, split, context.rank, context.world_size))

@@ -11,7 +11,7 @@ rdrop/seeding.py, so the batches and crops depend only on the seed and the posit
     loader = data.build_eval_loader(cfg, "test", rank, world_size)   # or "val"; shards without padding
     for images, labels in loader: ...
 
-    data.prepare_dataset(cfg)   # download/locate the archive (call on one rank before the others)
+    data.prepare_dataset(cfg)   # locate/download the archive, or check the image files (one rank per machine, first)
     data.class_names(cfg)       # names for reports
 
 Either way `images` is float32 N x 3 x img_size x img_size, normalised, and `labels` int64 N.

@@ -100,10 +100,11 @@ class InputSettings:
 
 
 def prepare_dataset(cfg):
-    """Locate the dataset file, downloading it if the config allows; None for digits.
+    """Locate the dataset file, downloading it if the config allows (None for digits); for image
+    files, index them and check every file, raising a UserError that names the bad ones.
 
     Call it on one rank (e.g. local rank 0) and barrier before building loaders, so that several
-    processes do not download into the same cache file at once.
+    processes do not download into the same cache file at once, nor check the same files.
     """
     return locate(InputSettings.from_config(cfg))
 
@@ -390,6 +391,21 @@ class TrainStream:
             logger.warning(
                 "%s cannot be decoded any more; trained on the next readable image in its place",
                 image_set.describe(int(index)),
+            )
+
+    def check_same_files_everywhere(self, gather):
+        """Refuse to train when ranks indexed different files (another copy of the data on another
+        machine); `gather(value)` returns every rank's value (rdrop.distributed.gather)."""
+        if not self.reads_files:
+            return
+        digests = gather(self._samples.image_set.digest())
+        if len(set(digests)) > 1:
+            differing = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+            raise UserError(
+                f"The processes of this job found different training files under "
+                f"{self._samples.image_set.source}: rank(s) {differing} differ from rank 0 in file names "
+                "or labels. Every machine needs an identical copy of the dataset; sync the copies and "
+                "start again."
             )
 
     def take_unreadable_count(self):

@@ -344,3 +344,10 @@ def test_bad_files_exit_2_with_one_paragraph_before_training(tmp_path, folders, 
     assert expected in err and "Traceback" not in err
     assert err.startswith("error: ") and err.strip().count("\n") == 0
     assert not checkpoint.list_checkpoints(str(tmp_path / "run"))
+
+
+def test_ranks_that_indexed_different_files_are_refused(folders):
+    stream = data.TrainStream(folder_cfg(folders), 0, 1)
+    stream.check_same_files_everywhere(lambda value: [value, value])
+    with pytest.raises(UserError, match=r"rank\(s\) \[1\] differ"):
+        stream.check_same_files_everywhere(lambda value: [value, "another copy"])
