@@ -351,3 +351,31 @@ def test_ranks_that_indexed_different_files_are_refused(folders):
     stream.check_same_files_everywhere(lambda value: [value, value])
     with pytest.raises(UserError, match=r"rank\(s\) \[1\] differ"):
         stream.check_same_files_everywhere(lambda value: [value, "another copy"])
+
+
+@pytest.mark.slow
+def test_a_file_list_run_trains_resumes_and_evaluates_through_the_launcher(tmp_path, folders):
+    root = folders[0].parent
+    lists = {}
+    for split, folder in (("train", folders[0]), ("test", folders[1])):
+        entries = [(f"{folder.name}/{rel}", CLASSES.index(rel.split("/")[0])) for rel in _relative_files(folder)]
+        lists[split] = str(write_file_list(tmp_path / f"{split}_list.txt", entries))
+    data_section = {"dataset": "filelist", "root": str(root), "train_list": lists["train"], "test_list": lists["test"]}
+    config_path = folder_run_config(tmp_path, folders, data=dict(data_section, num_workers=1, val_size=4))
+    first = launch(["--config", config_path], tmp_path / "logs")
+    assert first.returncode == 0, worker_logs(tmp_path / "logs")
+    _, finished = final_weights(tmp_path / "run")
+    # As if killed after the step-3 checkpoint: drop what came later and resume.
+    step, last = checkpoint.list_checkpoints(str(tmp_path / "run"))[-1]
+    assert step == 6
+    shutil.rmtree(last)
+    resumed = launch(["--config", config_path, "-o", "train.resume=auto"], tmp_path / "resume_logs")
+    assert resumed.returncode == 0, worker_logs(tmp_path / "resume_logs")
+    assert_same_weights(finished, final_weights(tmp_path / "run")[1])
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "training on 18 images of 4 classes" in log and "Resumed from" in log
+    best = str(tmp_path / "run" / checkpoint.BEST_WEIGHTS)
+    result = launch(["--checkpoint", best, "--output", str(tmp_path / "m.json")], tmp_path / "eval_logs", 3, "eval.py")
+    assert result.returncode == 0, worker_logs(tmp_path / "eval_logs")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["num_samples"] == 11 and metrics["class_names"] == ["0", "1", "2", "3"]
