@@ -151,15 +151,14 @@ def _file_sets(settings):
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. Set "
             f"{'them' if len(missing) > 1 else 'it'} in the config or with -o {missing[0]}=PATH."
         )
-    return _indexed(settings.dataset, *keys.values(), settings.class_names_file, settings.num_classes)
+    if settings.dataset == "folder":
+        return _indexed(image_files.index_folders, *keys.values(), settings.num_classes)
+    return _indexed(image_files.read_file_lists, *keys.values(), settings.class_names_file, settings.num_classes)
 
 
 @functools.lru_cache(maxsize=2)
-def _indexed(dataset, *paths_and_counts):
-    if dataset == "folder":
-        train_dir, test_dir, _, num_classes = paths_and_counts
-        return image_files.index_folders(train_dir, test_dir, num_classes)
-    return image_files.read_file_lists(*paths_and_counts)
+def _indexed(index, *arguments):
+    return index(*arguments)
 
 
 # --- the registry and the splits ------------------------------------------------------------------
