@@ -1,22 +1,38 @@
-"""Measure the cost of the two input paths: host augmentation vs device-side augmentation.
+"""Measure the cost of the input paths: host vs device-side augmentation, or decoding image files.
 
-Host path: the full per-image transform (random resized crop to img_size, normalise) and batch
-collation, on one host thread, plus the float32 bytes each image ships to the device. Device path:
-the per-image host work (gather the uint8 32x32 image and draw its crop box) and its bytes, then
-the batched crop/resize/normalise on the current Paddle device per micro-batch. Paddle's own
+Default mode, in-memory arrays (cifar100, cifar10, digits). Host path: the full per-image
+transform (random resized crop to img_size, normalise) and batch collation, on one host thread,
+plus the float32 bytes each image ships to the device. Device path: the per-image host work
+(gather the uint8 32x32 image and draw its crop box) and its bytes, then the batched
+crop/resize/normalise on the current Paddle device per micro-batch. Paddle's own
 RandomResizedCrop + ToTensor + Normalize is timed too, as the baseline the host path replaces.
 Images are random CIFAR-sized uint8 arrays, so no dataset is needed.
 
     python scripts/benchmark_input.py                       # defaults of the config system
     python scripts/benchmark_input.py --config configs/x.yaml --batch-size 64 --json out.json
 
+`--jpeg` mode, image files (`folder`, `filelist`): generated JPEGs of ImageNet's typical size
+(500x375, quality 90) in a temporary class-per-folder tree. Per loader worker, in this one process:
+the training sample exactly as a worker makes it (`data.loader.FileTrainSamples`: decode -> RGB ->
+RandomResizedCrop(model.img_size, data.crop_scale) -> normalised float32) and collated in
+micro-batches, against TARGET_PER_WORKER; bare Pillow decodes, with and without crop and resize and
+at half scale (`Image.draft`), for reference. Then the real training DataLoader (`data.loader.TrainStream`) with each of
+--workers worker processes.
+
+    python scripts/benchmark_input.py --jpeg --config configs/vit_b16_imagenet_rdrop.yaml --workers 1 2
+
 Every figure is the best of --repeats rounds: on a shared machine the minimum is the most
-reproducible estimate of the cost itself. Prints a table and, last, one JSON object.
+reproducible estimate of the cost itself. Per-worker figures are given in wall-clock time and in
+the CPU time of this process (what a worker achieves with a core to itself; the wall-clock figure
+also counts the time other processes took the core). Prints a table and, last, one JSON object.
 """
 
 import argparse
 import dataclasses
 import json
+import os
+import tempfile
+import time
 
 from rdrop import atomic, benchmarking, config, runtime
 from rdrop.errors import exit_on_user_error
@@ -27,12 +43,18 @@ from paddle.io.dataloader.collate import default_collate_fn
 from paddle.vision import transforms as paddle_transforms
 from PIL import Image
 
-from data.datasets import ImageSet
-from data.loader import EvalSamples, InputSettings, TrainSamples
-from data.transforms import resize_batch, resized_crop_batch
+from data.datasets import ImageSet, load_split
+from data.loader import EvalSamples, FileTrainSamples, InputSettings, TrainSamples, TrainStream
+from data.transforms import resize_batch, resized_crop_batch, sample_crop_box
 
 # An H100 trains ViT-B/16 under R-Drop (two forward passes) at about this many images per second.
 GPU_IMAGES_PER_SECOND = 3000
+# What one loader worker must decode and augment per second from JPEG files (issue 19's target).
+TARGET_PER_WORKER = 150
+# Issue 19's "ImageNet-sized" JPEG.
+JPEG_SIZE = (500, 375)
+JPEG_QUALITY = 90
+JPEG_CLASSES = 4
 
 
 def parse_args():
@@ -44,6 +66,11 @@ def parse_args():
     parser.add_argument("--batches", type=int, default=3, help="device batches per round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds per measurement; the best is kept")
     parser.add_argument("--threads", type=int, default=None, help="CPU math threads (default: all cores)")
+    parser.add_argument("--jpeg", action="store_true", help="measure the image-file path on generated JPEGs")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="--jpeg: DataLoader worker counts to measure"
+    )
+    parser.add_argument("--loader-batches", type=int, default=8, help="--jpeg: micro-batches per DataLoader run")
     parser.add_argument("--json", help="also write the JSON result to this file")
     return parser.parse_args()
 
@@ -169,21 +196,192 @@ def print_table(result):
         print(f"{label:60s} {milliseconds:10.2f} {result['batch_size'] / milliseconds * 1e3:12.0f}")
 
 
+# --- --jpeg: image files ------------------------------------------------------------------------------
+
+
+def write_jpeg_folder(root, count, seed=0):
+    """`count` training JPEGs in JPEG_CLASSES class folders under root/train and one test image per
+    class under root/test; returns (train_dir, test_dir, mean file bytes of the training images)."""
+    rng = np.random.default_rng(seed)
+    width, height = JPEG_SIZE
+    rows, columns = np.mgrid[0:height, 0:width].astype(np.float32)
+    sizes = []
+    for split, images in (("train", count), ("test", JPEG_CLASSES)):
+        for index in range(images):
+            folder = os.path.join(root, split, f"class_{index % JPEG_CLASSES}")
+            os.makedirs(folder, exist_ok=True)
+            # Colour gradients under noise compress about as a photo does (pure noise would be 3x larger,
+            # a flat image 20x smaller), so the decoder does a photo's work.
+            slopes = rng.uniform(-0.5, 0.5, size=(3, 2)).astype(np.float32)
+            gradient = np.stack([128 + slope[0] * columns + slope[1] * rows for slope in slopes], axis=-1)
+            pixels = np.clip(gradient + rng.normal(0, 20, size=gradient.shape), 0, 255).astype(np.uint8)
+            path = os.path.join(folder, f"{split}_{index:06d}.jpg")
+            Image.fromarray(pixels).save(path, quality=JPEG_QUALITY)
+            if split == "train":
+                sizes.append(os.path.getsize(path))
+    return os.path.join(root, "train"), os.path.join(root, "test"), float(np.mean(sizes))
+
+
+def best_wall_and_cpu_seconds(function, repeats):
+    """The fastest of `repeats` calls of function(), in wall-clock seconds and in this process's CPU seconds."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
+        function()
+        wall.append(time.perf_counter() - wall_start)
+        cpu.append(time.process_time() - cpu_start)
+    return min(wall), min(cpu)
+
+
+def per_second(function, count, repeats):
+    wall, cpu = best_wall_and_cpu_seconds(function, repeats)
+    return {"wall_img_per_s": count / wall, "cpu_img_per_s": count / cpu}
+
+
+def folder_config(cfg, train_dir, test_dir, workers):
+    """The config with the generated folders as its dataset, read by `workers` loader workers."""
+    data = {
+        **cfg["data"],
+        "dataset": "folder",
+        "train_dir": train_dir,
+        "test_dir": test_dir,
+        "val_size": 0,
+        "device_augment": False,
+        "num_workers": workers,
+    }
+    train = {**cfg["train"], "global_batch_size": cfg["train"]["micro_batch_size"]}
+    return {**cfg, "model": {**cfg["model"], "num_classes": JPEG_CLASSES}, "data": data, "train": train}
+
+
+def per_worker_rates(settings, repeats):
+    """img/s of one loader worker: the training samples as a worker makes and collates them, and bare
+    Pillow references: decode, crop and resize with crop boxes of the same distribution; decode alone;
+    decode at half the resolution (what `Image.draft` would give, for the docs' decision on it)."""
+    samples = FileTrainSamples(load_split(settings, "train"), settings)
+    keys = [(0, index) for index in range(len(samples))]
+    paths = [samples.image_set.path(index) for index in range(len(samples))]
+
+    def bare_decode_crop_resize():
+        for index, path in enumerate(paths):
+            image = Image.open(path).convert("RGB")
+            box = sample_crop_box(np.random.default_rng(index), image.height, image.width, settings.crop_scale)
+            crop = image.crop((box.left, box.top, box.left + box.width, box.top + box.height))
+            crop.resize((settings.img_size, settings.img_size), Image.Resampling.BILINEAR)
+
+    def bare_decode():
+        for path in paths:
+            Image.open(path).load()
+
+    def bare_decode_at_half_scale():
+        for path in paths:
+            image = Image.open(path)
+            image.draft("RGB", (image.width // 2, image.height // 2))
+            image.load()
+
+    batch_size = settings.micro_batch_size
+
+    def worker_batches():
+        for first in range(0, len(keys), batch_size):
+            default_collate_fn([samples[key] for key in keys[first : first + batch_size]])
+
+    return {
+        "training_sample": per_second(worker_batches, len(keys), repeats),
+        "bare_pillow_decode_crop_resize": per_second(bare_decode_crop_resize, len(paths), repeats),
+        "bare_pillow_decode": per_second(bare_decode, len(paths), repeats),
+        "bare_pillow_draft_half_scale": per_second(bare_decode_at_half_scale, len(paths), repeats),
+    }
+
+
+def loader_rate(cfg, batches):
+    """img/s of the real training DataLoader over `batches` micro-batches, timed after its first
+    batch (which starts the workers)."""
+    stream = TrainStream(cfg, rank=0, world_size=1)
+    try:
+        next(stream)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(stream)
+        seconds = time.perf_counter() - start
+    finally:
+        stream.close()
+    return batches * cfg["train"]["micro_batch_size"] / seconds
+
+
+def measure_jpeg(cfg, settings, args, root):
+    train_dir, test_dir, mean_bytes = write_jpeg_folder(root, args.images)
+    files = folder_config(cfg, train_dir, test_dir, workers=0)
+    result = {
+        "mode": "jpeg",
+        "jpeg_size": list(JPEG_SIZE),
+        "jpeg_quality": JPEG_QUALITY,
+        "jpeg_mean_bytes": mean_bytes,
+        "images": args.images,
+        "img_size": settings.img_size,
+        "crop_scale": list(settings.crop_scale),
+        "batch_size": settings.micro_batch_size,
+        "repeats": args.repeats,
+        "target_img_per_s_per_worker": TARGET_PER_WORKER,
+        "load_average_1min_before": os.getloadavg()[0],
+        "per_worker": per_worker_rates(InputSettings.from_config(files), args.repeats),
+        "loader": {},
+    }
+    for workers in args.workers:
+        rate = loader_rate(folder_config(cfg, train_dir, test_dir, workers), args.loader_batches)
+        result["loader"][str(workers)] = {"img_per_s": rate, "img_per_s_per_worker": rate / max(workers, 1)}
+    result["load_average_1min_after"] = os.getloadavg()[0]
+    return result
+
+
+def print_jpeg_table(result):
+    width, height = result["jpeg_size"]
+    print(
+        f"{result['images']} JPEGs {width}x{height}, quality {result['jpeg_quality']}, "
+        f"{result['jpeg_mean_bytes'] / 1e3:.0f} KB on average; img_size {result['img_size']}, crop_scale "
+        f"{result['crop_scale']}, micro-batch {result['batch_size']}; 1-minute load average "
+        f"{result['load_average_1min_before']:.1f} before, {result['load_average_1min_after']:.1f} after"
+    )
+    target = result["target_img_per_s_per_worker"]
+    print(
+        f"{'one loader worker (one process)':56s} {'img/s wall':>11s} {'img/s CPU':>10s} {'CPU vs ' + str(target):>11s}"
+    )
+    for label, key in (
+        ("training sample as a worker makes it, collated", "training_sample"),
+        ("bare Pillow: decode + crop + resize (reference)", "bare_pillow_decode_crop_resize"),
+        ("bare Pillow: decode (reference)", "bare_pillow_decode"),
+        ("bare Pillow: decode at 1/2 scale, Image.draft (reference)", "bare_pillow_draft_half_scale"),
+    ):
+        row = result["per_worker"][key]
+        ratio = row["cpu_img_per_s"] / target
+        print(f"{label:56s} {row['wall_img_per_s']:11.0f} {row['cpu_img_per_s']:10.0f} {ratio:10.2f}x")
+    print(f"{'training DataLoader (data.loader.TrainStream)':56s} {'img/s':>11s} {'per worker':>10s}")
+    for workers, row in result["loader"].items():
+        print(f"{'  ' + workers + ' worker(s)':56s} {row['img_per_s']:11.0f} {row['img_per_s_per_worker']:10.0f}")
+
+
+def write_result(result, path):
+    print(json.dumps(result, sort_keys=True))
+    if path:
+        try:
+            atomic.write_json(path, result, sort_keys=True)
+        except OSError as error:
+            raise atomic.write_error("the result to --json", path, error) from None
+
+
 @exit_on_user_error
 def main():
     args = parse_args()
     if args.json:
         atomic.check_writable(args.json, "--json")
     threads = runtime.configure_cpu(args.threads)
-    _, settings = settings_from(args)
-    result = measure(settings, args.images, args.batches, args.repeats, threads)
-    print_table(result)
-    print(json.dumps(result, sort_keys=True))
-    if args.json:
-        try:
-            atomic.write_json(args.json, result, sort_keys=True)
-        except OSError as error:
-            raise atomic.write_error("the result to --json", args.json, error) from None
+    cfg, settings = settings_from(args)
+    if args.jpeg:
+        with tempfile.TemporaryDirectory(prefix="benchmark_input_") as root:
+            result = measure_jpeg(cfg, settings, args, root)
+        print_jpeg_table(result)
+    else:
+        result = measure(settings, args.images, args.batches, args.repeats, threads)
+        print_table(result)
+    write_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 runs the comparison script with the config's sizes, and it refuses what it cannot measure."""
 
 import json
+import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -116,3 +118,47 @@ def test_every_gpu_in_the_peak_table_is_reachable_by_its_own_name():
         assert benchmark.default_peak_tflops(name, "bf16") == half_precision, name
         assert benchmark.default_peak_tflops(name, "none") == tf32, name
     assert benchmark.default_peak_tflops("cpu", "bf16") is None
+
+
+def test_input_benchmark_on_jpegs_reports_every_rate_and_leaves_no_files(tmp_path):
+    """scripts/benchmark_input.py --jpeg on a handful of generated JPEGs: every rate is a positive
+    number, the loader rows are the worker counts asked for, and its temporary folder is gone."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "benchmark_input.py"),
+        "--jpeg",
+        "--images",
+        "8",
+        "--repeats",
+        "1",
+        "--img-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "1",
+        "--loader-batches",
+        "2",
+        "--json",
+        str(tmp_path / "out.json"),
+    ]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TMPDIR": str(scratch)}
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert json.loads(completed.stdout.strip().splitlines()[-1]) == result
+    assert (result["images"], result["img_size"], result["batch_size"]) == (8, 32, 4)
+    assert result["jpeg_size"] == [500, 375] and result["jpeg_quality"] == 90
+    assert 10_000 < result["jpeg_mean_bytes"] < 500 * 375 * 3  # compressed, but not a flat image
+    assert result["target_img_per_s_per_worker"] == 150
+    rates = [rate for row in result["per_worker"].values() for rate in row.values()]
+    assert len(rates) == 8 and all(math.isfinite(rate) and rate > 0 for rate in rates)
+    assert set(result["loader"]) == {"0", "1"}
+    for workers, row in result["loader"].items():
+        assert row["img_per_s"] > 0
+        assert row["img_per_s_per_worker"] == pytest.approx(row["img_per_s"] / max(int(workers), 1))
+    assert list(scratch.iterdir()) == []
