@@ -70,7 +70,7 @@ def parse_args():
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[1, 2], help="--jpeg: DataLoader worker counts to measure"
     )
-    parser.add_argument("--loader-batches", type=int, default=8, help="--jpeg: micro-batches per DataLoader run")
+    parser.add_argument("--loader-batches", type=int, default=16, help="--jpeg: micro-batches per DataLoader run")
     parser.add_argument("--json", help="also write the JSON result to this file")
     return parser.parse_args()
 
