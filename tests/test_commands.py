@@ -2,6 +2,7 @@
 and the quickstart config on one or two processes."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -9,7 +10,8 @@ from rdrop import config
 from rdrop.step import accumulation_steps
 
 import pytest
-from run_helpers import ROOT, launch_command, load_script
+from image_trees import write_file_list, write_folder_tree
+from run_helpers import ROOT, assert_same_weights, final_weights, launch_command, load_script
 
 import data
 import eval as eval_script
@@ -78,3 +80,57 @@ def test_a_batch_size_error_under_the_launcher_is_the_last_thing_the_worker_said
     failed_worker_detail = console.split("ERROR LOG DETAIL")[-1]
     assert paragraph in failed_worker_detail
     assert "HybridParallelInfo" not in failed_worker_detail and "Traceback" not in console
+
+
+def readme_section(title):
+    readme = (pathlib.Path(ROOT) / "README.md").read_text()
+    return readme.split(f"\n## {title}\n")[1].split("\n## ")[0]
+
+
+# Cuts the quickstart's 1,000 steps to a few; later overrides win.
+FEW_STEPS = ["-o", "schedule.total_steps=4", "-o", "schedule.warmup_steps=1", "-o", "train.eval_every=2"]
+
+
+@pytest.mark.slow
+def test_the_readme_own_data_commands_train_on_folders_and_lists_and_evaluate(tmp_path):
+    """The CPU commands of the README's "Your own data" as written, on a generated my_images/ (mixed
+    sizes, modes and formats) with the paths moved under tmp_path and the steps cut: the folder and
+    the list of the same files train the same weights, and eval.py counts every test image."""
+    section = readme_section("Your own data").replace("\\\n", " ")
+    lines = [" ".join(line.split()) for line in section.splitlines() if line.startswith("    python ")]
+    gpu_commands = [line for line in lines if "--devices" in line]  # illustrative: checked below, not run
+    commands = [line for line in lines if line not in gpu_commands]
+    assert [command.split()[:2] for command in commands] == [["python", "train.py"]] * 2 + [["python", "eval.py"]]
+    images = tmp_path / "my_images"
+    classes = [f"class_{label}" for label in range(5)]  # model.num_classes=5 in the commands
+    # 45 per class: the quickstart holds out 150 for selection and its global batch is 64.
+    train = write_folder_tree(images / "train", {name: 45 for name in classes})
+    test = write_folder_tree(images / "val", {name: 3 for name in classes}, seed=1)
+    for split, written in (("train", train), ("val", test)):
+        entries = [(f"{split}/{path}", classes.index(path.split("/")[0])) for path in sorted(written)]
+        write_file_list(images / f"{split}_list.txt", entries)
+    outputs = []
+    for command in commands:
+        arguments = command.replace("my_images", str(images)).replace("output/", f"{tmp_path}/output/").split()[1:]
+        if arguments[0] == "train.py":
+            arguments += FEW_STEPS
+            outputs.append(next(value.split("=", 1)[1] for value in arguments if value.startswith("train.output_dir=")))
+        finished = subprocess.run([sys.executable, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        if arguments[0] == "eval.py":
+            assert f"test split of {len(test)} images" in finished.stdout + finished.stderr
+    for output in outputs:
+        log = (pathlib.Path(output) / "train.log").read_text()
+        assert f"training on {len(train) - 150} images of 5 classes" in log
+    (folder_step, folder_weights), (list_step, list_weights) = (final_weights(output) for output in outputs)
+    assert folder_step == list_step == 4
+    assert_same_weights(folder_weights, list_weights)
+
+    # The GPU command selects the data with the same keys as the folder command, on a recipe that reads folders.
+    [gpu_command] = gpu_commands
+    gpu_arguments = gpu_command.split()
+    gpu_overrides = [gpu_arguments[i + 1] for i, value in enumerate(gpu_arguments) if value == "-o"]
+    folder_overrides = [value for value in commands[0].split() if "=" in value and "output_dir" not in value]
+    assert [value for value in gpu_overrides if "output_dir" not in value] == folder_overrides[1:]
+    gpu_cfg = config.load(os.path.join(ROOT, gpu_arguments[gpu_arguments.index("-c") + 1]), gpu_overrides)
+    assert gpu_cfg["data"]["dataset"] == "folder" and gpu_cfg["model"]["num_classes"] == 5
