@@ -122,8 +122,8 @@ def load_rgb(path):
     """The file's first frame as an RGB Pillow image (raises what Pillow raises on a broken file)."""
     with Image.open(path) as image:
         image.load()
-        # In place: otherwise Pillow copies every image without an orientation tag, about 10% of the
-        # per-image cost of a training sample (scripts/benchmark_input.py --jpeg).
+        # In place: otherwise Pillow copies every image without an orientation tag, 6-10% of the cost
+        # of a training sample (docs/performance.md, image files).
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
 
