@@ -11,13 +11,14 @@ Images are random CIFAR-sized uint8 arrays, so no dataset is needed.
     python scripts/benchmark_input.py                       # defaults of the config system
     python scripts/benchmark_input.py --config configs/x.yaml --batch-size 64 --json out.json
 
-`--jpeg` mode, image files (`folder`, `filelist`): generated JPEGs of ImageNet's typical size
-(500x375, quality 90) in a temporary class-per-folder tree. Per loader worker, in this one process:
-the training sample exactly as a worker makes it (`data.loader.FileTrainSamples`: decode -> RGB ->
+`--jpeg` mode, image files (`folder`, `filelist`): generated JPEGs of ImageNet size (500x375,
+quality 90) in a temporary class-per-folder tree. Per loader worker, in this one process: the
+training sample exactly as a worker makes it (`data.loader.FileTrainSamples`: decode -> RGB ->
 RandomResizedCrop(model.img_size, data.crop_scale) -> normalised float32) and collated in
-micro-batches, against TARGET_PER_WORKER; bare Pillow decodes, with and without crop and resize and
-at half scale (`Image.draft`), for reference. Then the real training DataLoader (`data.loader.TrainStream`) with each of
---workers worker processes.
+micro-batches, against TARGET_PER_WORKER; bare Pillow decodes, with and without crop and resize
+and at half scale (`Image.draft`), for reference. Then the real training DataLoader
+(`data.loader.TrainStream`) with each of --workers worker processes. Both modes time the same
+per-worker loop (`collate_all`).
 
     python scripts/benchmark_input.py --jpeg --config configs/vit_b16_imagenet_rdrop.yaml --workers 1 2
 
@@ -95,14 +96,18 @@ def best_seconds(function, repeats, warmup=0):
     return min(benchmarking.time_calls(function, repeats, warmup))
 
 
-def seconds_per_image(samples, keys, batch_size, repeats):
-    """Fetch and collate every key in micro-batches, as one loader worker does."""
+def collate_all(samples, keys, batch_size):
+    """A call that fetches and collates every key in micro-batches, as one loader worker does."""
 
     def fetch_all():
         for first in range(0, len(keys), batch_size):
             default_collate_fn([samples[key] for key in keys[first : first + batch_size]])
 
-    return best_seconds(fetch_all, repeats) / len(keys)
+    return fetch_all
+
+
+def seconds_per_image(samples, keys, batch_size, repeats):
+    return best_seconds(collate_all(samples, keys, batch_size), repeats) / len(keys)
 
 
 def paddle_transform_seconds_per_image(settings, image_set, repeats):
@@ -210,8 +215,8 @@ def write_jpeg_folder(root, count, seed=0):
         for index in range(images):
             folder = os.path.join(root, split, f"class_{index % JPEG_CLASSES}")
             os.makedirs(folder, exist_ok=True)
-            # Colour gradients under noise compress about as a photo does (pure noise would be 3x larger,
-            # a flat image 20x smaller), so the decoder does a photo's work.
+            # Colour gradients under noise: a photo-like JPEG of tens of kilobytes, where pure noise or a
+            # flat image would give the decoder far more or far less work than a photo does.
             slopes = rng.uniform(-0.5, 0.5, size=(3, 2)).astype(np.float32)
             gradient = np.stack([128 + slope[0] * columns + slope[1] * rows for slope in slopes], axis=-1)
             pixels = np.clip(gradient + rng.normal(0, 20, size=gradient.shape), 0, 255).astype(np.uint8)
@@ -278,14 +283,8 @@ def per_worker_rates(settings, repeats):
             image.draft("RGB", (image.width // 2, image.height // 2))
             image.load()
 
-    batch_size = settings.micro_batch_size
-
-    def worker_batches():
-        for first in range(0, len(keys), batch_size):
-            default_collate_fn([samples[key] for key in keys[first : first + batch_size]])
-
     return {
-        "training_sample": per_second(worker_batches, len(keys), repeats),
+        "training_sample": per_second(collate_all(samples, keys, settings.micro_batch_size), len(keys), repeats),
         "bare_pillow_decode_crop_resize": per_second(bare_decode_crop_resize, len(paths), repeats),
         "bare_pillow_decode": per_second(bare_decode, len(paths), repeats),
         "bare_pillow_draft_half_scale": per_second(bare_decode_at_half_scale, len(paths), repeats),
