@@ -300,3 +300,15 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder_until_it_d
         holder.wait()
     claim_as_train_does(tmp_path, resume="auto")
     assert f"pid {os.getpid()}" in (tmp_path / output_folder.LOCK_FILE).read_text()
+
+
+@pytest.mark.parametrize("bomb", ["[" * 100_000 + "]" * 100_000, "7" * 5000], ids=["deep", "huge integer"])
+def test_a_bomb_in_trainer_state_json_is_a_paragraph_naming_the_file(tmp_path, bomb):
+    folder = checkpoint.save(str(tmp_path), 3, *small_states(3), {}, keep=1)
+    state = os.path.join(folder, checkpoint.STATE_FILE)
+    with open(state, "w") as stream:
+        stream.write('{"step": 3, "config": ' + bomb + "}")
+    with pytest.raises(UserError, match="trainer_state.json cannot be read"):
+        resume.resolve(train_cfg(tmp_path, resume="auto"), SINGLE_PROCESS)
+    with pytest.raises(UserError, match="trainer_state.json' cannot be read"):
+        checkpoint.load(folder)
