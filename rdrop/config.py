@@ -422,7 +422,7 @@ SCHEMA = {
             False,
             boolean(),
             "Let a new run start in an output_dir that holds another run's checkpoints or best weights, "
-            "deleting them (and nothing else).",
+            "deleting them; the new run's VisualDL records replace that run's. Nothing else is deleted.",
             free_on_resume=True,
         ),
         "keep_checkpoints": Key(2, integer(1), "How many of the newest checkpoints to keep.", free_on_resume=True),

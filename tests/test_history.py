@@ -133,3 +133,12 @@ def test_a_file_written_before_records_carried_checksums_is_still_copied(tmp_pat
     logs.MetricsWriter(MAIN, str(tmp_path / "run"), 3, {"lr": 0.1}, []).close()
     assert shown_scalars(folder) == {("train/objective", step): step / 2 for step in (1, 2, 3)}
     assert len(os.listdir(folder)) == 1
+
+
+def test_a_run_starting_at_step_zero_replaces_the_earlier_records(tmp_path):
+    """What train.overwrite's documentation says of a new run in another run's folder."""
+    log_steps(tmp_path / "run", range(1, 5), lambda step: {"objective": float(step)})
+    log_steps(tmp_path / "run", range(1, 3), lambda step: {"cross_entropy": step / 4})
+    folder = tmp_path / "run" / logs.VISUALDL_DIR
+    assert shown_scalars(folder) == {("train/cross_entropy", 1): 0.25, ("train/cross_entropy", 2): 0.5}
+    assert len(os.listdir(folder)) == 1
