@@ -37,6 +37,7 @@ def log_steps(run, steps, values):
     writer.close()
 
 
+@pytest.mark.slow
 def test_a_byte_flipped_anywhere_costs_only_the_records_it_hits_and_is_reported(tmp_path, caplog):
     intact_run = tmp_path / "intact"
     log_steps(intact_run, range(1, 7), lambda step: {"objective": 10.0 - step, "lr": step / 8})
