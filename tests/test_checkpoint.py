@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, pruning, resume resolution, broken folders, edited trainer state and the output-folder guard."""
+"""Checkpoints: atomic writes, pruning, resume resolution, broken folders, edited trainer state and
+the output-folder guard."""
 
 import copy
 import json
