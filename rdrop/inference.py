@@ -20,8 +20,14 @@ PROGRAM_SUFFIXES = (".json", ".pdmodel")  # PIR, legacy IR
 PARAMS_FILE = MODEL_PREFIX + ".pdiparams"
 METADATA_FILE = "metadata.json"
 ONNX_FILE = "model.onnx"
-# Everything an export folder may hold; a folder holding anything else is never replaced by one.
-EXPORT_FILES = {MODEL_PREFIX + suffix for suffix in PROGRAM_SUFFIXES} | {PARAMS_FILE, METADATA_FILE, ONNX_FILE}
+# Everything an export folder may hold (`paddle.jit.save` adds `.pdiparams.info` with the legacy IR);
+# a folder holding anything else is never replaced by an export.
+EXPORT_FILES = {MODEL_PREFIX + suffix for suffix in PROGRAM_SUFFIXES} | {
+    PARAMS_FILE,
+    PARAMS_FILE + ".info",
+    METADATA_FILE,
+    ONNX_FILE,
+}
 RUNTIMES = ("paddle", "onnx")
 
 TOLERANCE = 1e-4
