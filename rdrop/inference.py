@@ -46,10 +46,15 @@ def program_file(folder):
 
 
 def _export_problem(folder):
-    """Why `folder` is not recognisably an export this project wrote, or None if it is one: it holds
-    only the files an export holds (never a subfolder), its weights, and a metadata.json that reads
-    as an export's."""
-    entries = sorted(os.listdir(folder))
+    """Why `folder` is neither empty nor recognisably an export this project wrote, or None: an
+    export holds only the files an export holds (never a subfolder), its weights, and a
+    metadata.json that reads as an export's."""
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError as error:
+        return f"its files cannot be listed ({error.strerror})"
+    if not entries:
+        return None
     foreign = [name for name in entries if name not in EXPORT_FILES or not os.path.isfile(os.path.join(folder, name))]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -69,7 +74,7 @@ def _export_problem(folder):
 def check_replaceable(output):
     """A UserError, before any work, if `output` exists and is not an empty folder or an earlier
     export: scripts/export.py replaces the folder whole, so anything else in it would be lost."""
-    if not os.path.isdir(output) or os.path.islink(output) or not os.listdir(output):
+    if not os.path.isdir(output) or os.path.islink(output):
         return  # nothing to lose (atomic.check_writable refuses a file or a link at `output`)
     problem = _export_problem(output)
     if problem is not None:
