@@ -380,6 +380,24 @@ def test_export_replaces_no_folder_but_an_earlier_export(exported, tmp_path, cap
     assert tree_contents(target) == before and sorted(os.listdir(tmp_path)) == ["target"]
 
 
+def test_export_refuses_an_output_folder_it_cannot_list(exported, tmp_path, capsys, monkeypatch):
+    """Root (as CI runs) lists any folder, so listing is given the answer other users get."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("what I tried, and why\n")
+    real_listdir = os.listdir
+
+    def listdir(path="."):
+        if str(path) == str(target):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    code, _, err = run_script(export, capsys, "--checkpoint", checkpoint_of(exported), "--output", target)
+    assert code == 2 and "Traceback" not in err and "its files cannot be listed (Permission denied)" in err
+    assert (target / "notes.txt").read_text() == "what I tried, and why\n"
+
+
 def test_export_replaces_an_earlier_export(exported, tmp_path):
     target = tmp_path / "target"
     shutil.copytree(exported[3], target)  # exported with --onnx
