@@ -26,13 +26,43 @@ BASE_KEY = "_base_"
 # Far above any real config (the largest here has about 60 values), far below what makes validation
 # slow: YAML aliases can make a few lines expand to billions of values ("billion laughs").
 MAX_CONFIG_VALUES = 10_000
+# Likewise for depth and length (a run config is three levels deep; paths are at most 4096 bytes on
+# Linux), far below what breaks the readers: PyYAML builds nested values by recursion, so a few
+# thousand `[` exhaust Python's stack, and Python refuses to read an integer of more than 4300 digits.
+MAX_NESTING = 16
+MAX_SCALAR_CHARS = 4096
+MAX_BASES = 16  # `_base_` files inheriting from each other in one chain
 # Integers are bounded so that every value fits where the run writes it (Paddle and NumPy seeds,
 # int32 counters, VisualDL's hyper-parameter table at the end of the run).
 MAX_INTEGER = 2**31 - 1
 
 
+class _Oversized(yaml.YAMLError):
+    """A YAML text nested too deep or holding too long a value (see MAX_NESTING)."""
+
+    def __init__(self, problem, mark):
+        super().__init__(f"{problem} (at line {mark.line + 1}, column {mark.column + 1})")
+
+
 class _SafeLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that also reads `1e-3` as a number (YAML 1.1 needs `1.0e-3`; people write lr: 1e-3)."""
+    """`yaml.SafeLoader` that also reads `1e-3` as a number (YAML 1.1 needs `1.0e-3`; people write lr: 1e-3),
+    and stops at the first value nested deeper than MAX_NESTING or longer than MAX_SCALAR_CHARS."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if self._depth >= MAX_NESTING:
+            raise _Oversized(f"nests values more than {MAX_NESTING} levels deep", event.start_mark)
+        if isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_SCALAR_CHARS:
+            raise _Oversized(
+                f"holds a value {len(event.value)} characters long (at most {MAX_SCALAR_CHARS})", event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _SafeLoader.add_implicit_resolver(
@@ -42,6 +72,44 @@ _SafeLoader.add_implicit_resolver(
 
 def _safe_load(stream):
     return yaml.load(stream, Loader=_SafeLoader)
+
+
+def _too_large(content):
+    """Why `content` is too large to be a config, or None. Aliases (*name) repeat an anchored value
+    (&name) wherever they appear, so a short text can expand to billions of values, nest deeper than
+    it is written, or hold a list that contains itself: the walk stops at the first bound passed."""
+    count, pending = 0, [(content, 1)]
+    while pending:
+        value, depth = pending.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            return (
+                f"expands to more than {MAX_CONFIG_VALUES} values (YAML aliases *name repeat an anchored "
+                f"value &name wherever they appear, and nested ones multiply)"
+            )
+        if depth > MAX_NESTING:
+            return f"nests values more than {MAX_NESTING} levels deep"
+        if isinstance(value, str) and len(value) > MAX_SCALAR_CHARS:
+            return f"holds a value {len(value)} characters long (at most {MAX_SCALAR_CHARS})"
+        if isinstance(value, dict):
+            pending.extend((child, depth + 1) for child in [*value.keys(), *value.values()])
+        elif isinstance(value, list):
+            pending.extend((child, depth + 1) for child in value)
+    return None
+
+
+def _too_large_error(source, reason):
+    return UserError(
+        f"{source[0].upper()}{source[1:]} {reason}. A run config is a few dozen short values, three "
+        f"levels deep; write it out plainly."
+    )
+
+
+def check_size(content, source):
+    """A UserError naming `source` if `content` (plain data read from a config input) is too large."""
+    reason = _too_large(content)
+    if reason is not None:
+        raise _too_large_error(source, reason)
 
 
 class Allowed:
@@ -354,7 +422,7 @@ SCHEMA = {
             False,
             boolean(),
             "Let a new run start in an output_dir that holds another run's checkpoints or best weights, "
-            "deleting them (and nothing else).",
+            "deleting them; the new run's VisualDL records replace that run's. Nothing else is deleted.",
             free_on_resume=True,
         ),
         "keep_checkpoints": Key(2, integer(1), "How many of the newest checkpoints to keep.", free_on_resume=True),
@@ -407,6 +475,8 @@ def _read_yaml(path):
             f"Config file '{path}' does not exist. Pass an existing YAML file with --config "
             f"(the files in configs/ are a good start)."
         ) from None
+    except _Oversized as error:
+        raise _too_large_error(f"config file '{path}'", str(error)) from None
     except yaml.constructor.ConstructorError as error:
         raise UserError(
             f"Config file '{path}' uses a YAML tag that would construct an object "
@@ -421,27 +491,13 @@ def _read_yaml(path):
         raise UserError(f"Config file '{path}' cannot be read ({error}). Check the path and permissions.") from None
     if content is None:
         return {}
+    check_size(content, f"config file '{path}'")
     if not isinstance(content, dict):
         raise UserError(
             f"Config file '{path}' must hold a mapping of sections (model:, data:, train:, ...), "
             f"not a {type(content).__name__}."
         )
     return content
-
-
-def _count_values(content, budget=MAX_CONFIG_VALUES):
-    """Values in `content` counted as YAML aliases expand them, stopping once past `budget` (aliases
-    can also build a list that contains itself)."""
-    count, pending = 0, [content]
-    while pending and count <= budget:
-        value = pending.pop()
-        count += 1
-        if isinstance(value, dict):
-            pending.extend(value.keys())
-            pending.extend(value.values())
-        elif isinstance(value, list):
-            pending.extend(value)
-    return count
 
 
 def shown(value):
@@ -467,6 +523,11 @@ def _load_with_bases(path, chain=()):
     if path in chain:
         cycle = " -> ".join(list(chain) + [path])
         raise UserError(f"Config files inherit from each other in a cycle ({cycle}). Remove one `_base_`.")
+    if len(chain) > MAX_BASES:
+        raise UserError(
+            f"Config file '{chain[0]}' inherits through more than {MAX_BASES} `{BASE_KEY}` files in one chain "
+            f"(up to '{path}'). Merge some of them."
+        )
     content = _read_yaml(path)
     bases = content.pop(BASE_KEY, [])
     bases = [bases] if isinstance(bases, str) else bases
@@ -488,13 +549,18 @@ def parse_override(text):
     """`section.key=value` -> ('section.key', parsed value); the value is parsed as YAML."""
     dotted, separator, raw_value = text.partition("=")
     if not separator or "." not in dotted:
-        raise UserError(f"Override '{text}' is not of the form section.key=value (for example -o optimizer.lr=0.01).")
+        raise UserError(
+            f"Override {shown(text)} is not of the form section.key=value (for example -o optimizer.lr=0.01)."
+        )
     try:
         value = _safe_load(raw_value)
+    except _Oversized as error:
+        raise _too_large_error(f"the override of {shown(dotted.strip())}", str(error)) from None
     except yaml.YAMLError as error:
         raise UserError(
-            f"The value in override '{text}' is not valid YAML ({error}). Quote strings and write lists as [a, b]."
+            f"The value in override {shown(text)} is not valid YAML ({error}). Quote strings and write lists as [a, b]."
         ) from None
+    check_size(value, f"the override of {shown(dotted.strip())}")
     return dotted.strip(), value
 
 
@@ -518,12 +584,7 @@ def _closest(name, candidates, prefix=""):
 
 def validate(config, source="the config"):
     """Check every section and key of `config` against SCHEMA; return it with the defaults filled in."""
-    if _count_values(config) > MAX_CONFIG_VALUES:
-        raise UserError(
-            f"{source[0].upper()}{source[1:]} expands to more than {MAX_CONFIG_VALUES} values: YAML "
-            f"aliases (*name) repeat an anchored value (&name) wherever they appear, and nested ones "
-            f"multiply. A run config has a few dozen values; write them out instead."
-        )
+    check_size(config, source)
     for section, keys in config.items():
         if section not in SCHEMA:
             raise UserError(f"Unknown section {shown(section)} in {source}.{_closest(str(section), SCHEMA)}")
@@ -555,6 +616,7 @@ def changes_on_resume(saved, current, checkpoint):
     unless train.resume_changes names it. `saved` is None for checkpoints that stored no config."""
     if not isinstance(saved, dict):
         return []
+    check_size(saved, f"the config in checkpoint '{checkpoint}'")
     changes, refused = [], []
     for section, keys in SCHEMA.items():
         saved_section = saved.get(section) if isinstance(saved.get(section), dict) else {}

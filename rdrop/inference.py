@@ -5,6 +5,7 @@ An export is checked before it counts: the written model is loaded back and must
 dynamic model's logits on a random batch to within TOLERANCE."""
 
 import importlib
+import json
 import os
 
 from rdrop import atomic
@@ -19,6 +20,14 @@ PROGRAM_SUFFIXES = (".json", ".pdmodel")  # PIR, legacy IR
 PARAMS_FILE = MODEL_PREFIX + ".pdiparams"
 METADATA_FILE = "metadata.json"
 ONNX_FILE = "model.onnx"
+# Everything an export folder may hold (`paddle.jit.save` adds `.pdiparams.info` with the legacy IR);
+# a folder holding anything else is never replaced by an export.
+EXPORT_FILES = {MODEL_PREFIX + suffix for suffix in PROGRAM_SUFFIXES} | {
+    PARAMS_FILE,
+    PARAMS_FILE + ".info",
+    METADATA_FILE,
+    ONNX_FILE,
+}
 RUNTIMES = ("paddle", "onnx")
 
 TOLERANCE = 1e-4
@@ -34,6 +43,47 @@ def program_file(folder):
         if os.path.isfile(path):
             return path
     return None
+
+
+def _export_problem(folder):
+    """Why `folder` is neither empty nor recognisably an export this project wrote, or None: an
+    export holds only the files an export holds (never a subfolder), its weights, and a
+    metadata.json that reads as an export's."""
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError as error:
+        return f"its files cannot be listed ({error.strerror})"
+    if not entries:
+        return None
+    foreign = [name for name in entries if name not in EXPORT_FILES or not os.path.isfile(os.path.join(folder, name))]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return f"it holds {shown}, which an export does not"
+    if PARAMS_FILE not in entries:
+        return f"it has no {PARAMS_FILE}"
+    try:
+        with open(os.path.join(folder, METADATA_FILE), encoding="utf-8") as stream:
+            metadata = json.load(stream)
+    except (OSError, ValueError, RecursionError) as error:
+        return f"its {METADATA_FILE} cannot be read as an export's ({type(error).__name__})"
+    if not isinstance(metadata, dict) or metadata.get("params_file") != PARAMS_FILE or "img_size" not in metadata:
+        return f"its {METADATA_FILE} is not an export's (no img_size, or params_file is not {PARAMS_FILE})"
+    return None
+
+
+def check_replaceable(output):
+    """A UserError, before any work, if `output` exists and is not an empty folder or an earlier
+    export: scripts/export.py replaces the folder whole, so anything else in it would be lost."""
+    if not os.path.isdir(output) or os.path.islink(output):
+        return  # nothing to lose (atomic.check_writable refuses a file or a link at `output`)
+    problem = _export_problem(output)
+    if problem is not None:
+        raise UserError(
+            f"The --output folder '{output}' is not an earlier export ({problem}), and an export replaces "
+            f"its --output folder whole, deleting everything in it. Nothing was written or deleted. "
+            f"Choose a new folder (or an earlier export to replace), or move what you keep out of "
+            f"'{output}' first."
+        )
 
 
 def import_packages(names, needed_for):

@@ -8,10 +8,9 @@ checkpoints or best weights unless train.overwrite is set.
 import fcntl
 import logging
 import os
-import shutil
 import socket
 
-from rdrop import atomic, config
+from rdrop import atomic, config, logs
 from rdrop.checkpoint import (
     BEST_METRICS,
     BEST_WEIGHTS,
@@ -38,10 +37,10 @@ def lock(output_dir):
     """Hold an exclusive lock on `output_dir` for the rest of this process, or a UserError naming
     the run (host, pid) that holds it. The lock is the operating system's (flock), so it ends with
     the process however that ends: a killed run never blocks its own resume."""
-    path = os.path.realpath(os.path.join(output_dir, LOCK_FILE))
+    path = os.path.join(os.path.realpath(output_dir), LOCK_FILE)
     if path in _held_locks:
         return
-    stream = open(path, "a+", encoding="utf-8")
+    stream = atomic.open_own(path, os.O_RDWR | os.O_CREAT, "r+")
     try:
         fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -92,6 +91,8 @@ def claim(cfg, resume_from):
     `resume_from`, or train.overwrite is set), and write the run's config into it."""
     train_cfg = cfg["train"]
     output_dir = train_cfg["output_dir"]
+    for name in (LOCK_FILE, RUN_CONFIG, CHECKPOINTS, BEST_WEIGHTS, BEST_METRICS, logs.LOG_FILE, logs.VISUALDL_DIR):
+        atomic.refuse_link(os.path.join(output_dir, name))
     try:
         os.makedirs(output_dir, exist_ok=True)
         lock(output_dir)
@@ -111,10 +112,11 @@ def claim(cfg, resume_from):
             f"checkpoints and best weights."
         )
     if previous:
-        logger.warning("train.overwrite is set: deleting the checkpoints and best weights in %s", output_dir)
+        logger.warning(
+            "train.overwrite is set: deleting the checkpoints and best weights in %s (this run's VisualDL "
+            "records replace the earlier run's)",
+            output_dir,
+        )
         for path in _written_by_runs(output_dir):
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
+            atomic.remove(path)
     config.save(cfg, os.path.join(output_dir, RUN_CONFIG))

@@ -17,6 +17,7 @@ the watcher names the stopped rank as soon as it has been stopped for FROZEN_SEC
     python rank_watcher.py OWN_RANK OWN_PID CONSOLE_PID LOG_FILE RANK:PID [RANK:PID ...]
 """
 
+import functools
 import os
 import select
 import sys
@@ -35,14 +36,19 @@ def is_stopped(pid):
         return False
 
 
+def _open_flags(path, flags, extra):
+    return os.open(path, flags | extra)
+
+
 def report(message, reporter, console_pid, log_file):
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
     if not reporter:
         return
-    for path in (f"/proc/{console_pid}/fd/2", log_file):
+    # The console's stderr is a link by nature; train.log is never written through one (rdrop/atomic.py).
+    for path, no_follow in ((f"/proc/{console_pid}/fd/2", 0), (log_file, os.O_NOFOLLOW)):
         try:
-            with open(path, "a") as stream:
+            with open(path, "a", opener=functools.partial(_open_flags, extra=no_follow)) as stream:
                 stream.write(message + "\n")
         except OSError:
             pass  # the launcher or the output folder is gone: the worker's own log still has it

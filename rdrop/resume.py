@@ -29,7 +29,7 @@ def _recorded_step(path):
             return None, f"{name} is missing"
     try:
         return int(checkpoint.read_json(os.path.join(path, checkpoint.STATE_FILE))["step"]), None
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as error:
         return None, f"{checkpoint.STATE_FILE} cannot be read ({type(error).__name__}: {error})"
 
 

@@ -21,6 +21,8 @@ the checkpoint's run is used.
 
 The folder is written beside the target under a hidden name and renamed only once it is complete and
 checked (rdrop/atomic.py): a failed export, a full disk included, leaves the previous export intact.
+An existing --output folder is replaced only if it is empty or an earlier export (only an export's
+files, and a metadata.json that reads as an export's); anything else is refused before any work.
 --onnx needs `pip install -r requirements/export.txt` (paddle2onnx and onnxruntime).
 """
 
@@ -75,6 +77,7 @@ def main(argv=None):
     logs.setup_single_process()
     modules = inference.import_packages(ONNX_PACKAGES, "--onnx") if args.onnx else None
     atomic.check_writable(args.output, "the --output folder", is_folder=True)
+    inference.check_replaceable(args.output)
     config_path = args.config or checkpoint.run_config_path(args.checkpoint)
     cfg = config.load(config_path, args.override)
     runtime.configure_cpu(cfg["train"]["cpu_threads"])

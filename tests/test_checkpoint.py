@@ -1,5 +1,7 @@
-"""Checkpoints: atomic writes, pruning, resume resolution, broken folders and the output-folder guard."""
+"""Checkpoints: atomic writes, pruning, resume resolution, broken folders, edited trainer state and
+the output-folder guard."""
 
+import copy
 import json
 import os
 import socket
@@ -9,6 +11,7 @@ import textwrap
 
 from rdrop import checkpoint, config, distributed, output_folder, resume
 from rdrop.errors import UserError
+from rdrop.run_state import RunState
 
 import numpy as np
 import paddle
@@ -300,3 +303,146 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder_until_it_d
         holder.wait()
     claim_as_train_does(tmp_path, resume="auto")
     assert f"pid {os.getpid()}" in (tmp_path / output_folder.LOCK_FILE).read_text()
+
+
+@pytest.mark.parametrize("bomb", ["[" * 100_000 + "]" * 100_000, "7" * 5000], ids=["deep", "huge integer"])
+def test_a_bomb_in_trainer_state_json_is_a_paragraph_naming_the_file(tmp_path, bomb):
+    folder = checkpoint.save(str(tmp_path), 3, *small_states(3), {}, keep=1)
+    state = os.path.join(folder, checkpoint.STATE_FILE)
+    with open(state, "w") as stream:
+        stream.write('{"step": 3, "config": ' + bomb + "}")
+    with pytest.raises(UserError, match="trainer_state.json cannot be read"):
+        resume.resolve(train_cfg(tmp_path, resume="auto"), SINGLE_PROCESS)
+    with pytest.raises(UserError, match="trainer_state.json' cannot be read"):
+        checkpoint.load(folder)
+
+
+# An fp16 GradScaler's state as trainer_state.json holds it (see the save-and-resume test above).
+FP16_LOSS_SCALER = {
+    "scale": {"__ndarray__": [4096.0], "dtype": "float32"},
+    "incr_ratio": 2.0,
+    "decr_ratio": 0.5,
+    "incr_every_n_steps": 1000,
+    "decr_every_n_nan_or_inf": 1,
+    "incr_count": 37,
+    "decr_count": 0,
+    "use_dynamic_loss_scaling": True,
+}
+
+
+def saved_run(tmp_path, step=4, total_steps=10):
+    """A checkpoint at `step` of a run of `total_steps`, with the trainer state a run writes: (folder, config)."""
+    cfg = config.defaults()
+    cfg["schedule"]["total_steps"] = total_steps
+    state = {
+        "data": {"epoch": 0, "batches_in_epoch": step},
+        "best": {"step": 3, "split": "test", "top1": 12.5, "top5": 40.0, "cross_entropy": 4.1},
+        "loss_scaler": {},
+        "config": cfg,
+    }
+    return checkpoint.save(str(tmp_path), step, *small_states(step), state, keep=1), cfg
+
+
+def edit_state(folder, edit):
+    path = os.path.join(folder, checkpoint.STATE_FILE)
+    with open(path) as stream:
+        state = json.load(stream)
+    with open(path, "w") as stream:
+        json.dump(edit(state), stream)  # NaN is written as JSON's NaN, which Python reads back
+
+
+def setting(*keys, value):
+    """An edit that sets state[keys[0]][keys[1]]... to `value`."""
+
+    def edit(state):
+        inner = state
+        for key in keys[:-1]:
+            inner = inner[key]
+        inner[keys[-1]] = value
+        return state
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (setting("step", value=40.7), "records step 40.7, which is not a whole number in [0, 10]"),
+        (setting("step", value=10**30), f"records step {10**30}, which is not a whole number in [0, 10]"),
+        (setting("step", value=-5), "records step -5, which is not"),
+        (setting("step", value=True), "records step True, which is not"),
+        (setting("step", value=7), "records step 7, but its folder is named step_4"),
+        (setting("best", "top1", value="x"), "has best.top1 'x', which is not a percentage in [0, 100]"),
+        (setting("best", "top1", value=float("nan")), "has best.top1 nan, which is not a percentage"),
+        (setting("best", "top1", value=250.0), "has best.top1 250.0, which is not a percentage"),
+        (setting("best", "cross_entropy", value=float("nan")), "has best.cross_entropy nan, which is not a finite"),
+        (setting("best", "step", value=9), "has best.step 9, which is not a whole number in [0, 4]"),
+        (setting("best", "split", value="train"), "has best.split 'train', which is not one of val, test"),
+        (setting("best", value=[12.5]), "has 'best' [12.5], which is neither null nor a mapping"),
+        (setting("data", value=[0, 4]), "has 'data' [0, 4], which is not the data stream's position"),
+        (setting("config", value="vit"), "has 'config' 'vit', which is not a mapping of sections"),
+        (setting("loss_scaler", value=7), "has 'loss_scaler' 7, which is not a mapping"),
+        (lambda state: [state], "does not hold a mapping of fields"),
+        (lambda state: {k: v for k, v in state.items() if k != "best"}, "lacks the field(s) best"),
+    ],
+    ids=lambda case: case if isinstance(case, str) else None,
+)
+def test_an_edited_trainer_state_is_refused_with_a_paragraph_naming_the_file(tmp_path, edit, problem):
+    folder, cfg = saved_run(tmp_path)
+    edit_state(folder, edit)
+    with pytest.raises(UserError) as refused:
+        RunState.load(folder, cfg)
+    assert f"Checkpoint file '{os.path.join(folder, 'trainer_state.json')}' {problem}" in str(refused.value)
+
+
+def test_an_invalid_best_says_how_to_keep_or_drop_it(tmp_path):
+    folder, cfg = saved_run(tmp_path)
+    edit_state(folder, setting("best", "top1", value=float("nan")))
+    with pytest.raises(UserError, match='copy the values from the run\'s best.json, or set "best": null'):
+        RunState.load(folder, cfg)
+
+
+@pytest.mark.parametrize(
+    "scale, problem",
+    [
+        ([-1.0], "scale [-1.0]"),
+        ([float("inf")], "scale [inf]"),
+        ([1.0, 2.0], "scale [1.0, 2.0]"),
+        ([0.0], "scale [0.0]"),
+    ],
+)
+def test_an_edited_fp16_loss_scaler_state_is_refused(tmp_path, scale, problem):
+    """The GPU-shaped GradScaler state (as in the fp16 save-and-resume test above), with a broken scale."""
+    folder, cfg = saved_run(tmp_path)
+    scaler = dict(FP16_LOSS_SCALER, scale={"__ndarray__": scale, "dtype": "float32"})
+    edit_state(folder, setting("loss_scaler", value=scaler))
+    with pytest.raises(UserError) as refused:
+        RunState.load(folder, cfg)
+    assert f"trainer_state.json' has loss_scaler.{problem}, which a GradScaler never holds" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        setting("best", value=None),
+        setting("best", value={"step": 3, "split": "val", "top1": 12.5, "loss": 4.1}),  # before cross_entropy
+        setting("loss_scaler", value=FP16_LOSS_SCALER),
+        setting("config", value=None),  # checkpoints that stored no config
+    ],
+    ids=["no best", "an older best", "fp16 loss scaler", "no config"],
+)
+def test_a_trainer_state_as_runs_write_it_is_accepted(tmp_path, edit):
+    folder, cfg = saved_run(tmp_path)
+    edit_state(folder, edit)
+    assert RunState.load(folder, cfg).step == 4
+
+
+def test_a_checkpoint_past_the_lowered_total_steps_is_refused(tmp_path):
+    folder, cfg = saved_run(tmp_path)
+    lowered = copy.deepcopy(cfg)
+    lowered["schedule"]["total_steps"] = 3
+    lowered["train"]["resume_changes"] = ["schedule.total_steps"]
+    with pytest.raises(UserError, match="is at step 4, past schedule.total_steps=3 of this run"):
+        RunState.load(folder, lowered)
+    lowered["schedule"]["total_steps"] = 4  # a finished run, resumed again: nothing left to train
+    assert RunState.load(folder, lowered).step == 4

@@ -147,7 +147,7 @@ def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path):
 
 
 def test_a_list_that_contains_itself_is_refused(tmp_path):
-    with pytest.raises(UserError, match="expands to more than"):
+    with pytest.raises(UserError, match="nests values more than 16 levels deep"):
         config.load(write(tmp_path / "c.yaml", "data:\n  crop_scale: &loop [*loop]\n"))
 
 
@@ -185,3 +185,54 @@ def test_an_unwritable_config_path_is_a_user_error_and_leaves_no_partial_file(tm
     (tmp_path / "config.yaml").mkdir()  # as root, a read-only folder is still writable: this fails for anyone
     with pytest.raises(UserError, match="Cannot write the run's config"):
         config.save(config.defaults(), str(tmp_path / "config.yaml"))
+
+
+# Depth and size bombs: each would otherwise end in a RecursionError (PyYAML and json nest by recursion)
+# or Python's ValueError for integers of more than 4300 digits, with a traceback thousands of lines long.
+BOMBS = {
+    "a deeply nested list": "[" * 5000 + "]" * 5000,
+    "a deeply nested mapping": "{a: " * 3000 + "1" + "}" * 3000,
+    "an integer of 5000 digits": "7" * 5000,
+    "a string of 100000 characters": "x" * 100_000,
+}
+
+
+@pytest.mark.parametrize("bomb", BOMBS.values(), ids=BOMBS.keys())
+def test_a_depth_or_size_bomb_in_a_file_is_refused_naming_the_file(tmp_path, bomb):
+    path = write(tmp_path / "bomb.yaml", f"train:\n  seed: {bomb}\n")
+    with pytest.raises(UserError, match=r"Config file '.*bomb.yaml' (nests|holds)") as caught:
+        config.load(path)
+    assert len(str(caught.value)) < 500
+
+
+@pytest.mark.parametrize("bomb", BOMBS.values(), ids=BOMBS.keys())
+def test_a_depth_or_size_bomb_in_an_override_is_refused_naming_the_key(tmp_path, bomb):
+    with pytest.raises(UserError, match=r"override of 'train.seed' (nests|holds)") as caught:
+        config.load(write(tmp_path / "c.yaml", ""), [f"train.seed={bomb}"])
+    assert len(str(caught.value)) < 500
+
+
+def test_aliases_cannot_nest_deeper_than_the_text(tmp_path):
+    """Each anchor is 10 levels deep as written, but the 40th holds the 39th, so 400 levels."""
+    lines = ["a0: &a0 [1]"] + [f"a{i}: &a{i} {'[' * 10}*a{i - 1}{']' * 10}" for i in range(1, 40)]
+    with pytest.raises(UserError, match=r"c.yaml' nests values more than 16 levels deep"):
+        config.load(write(tmp_path / "c.yaml", "\n".join(lines) + "\n"))
+
+
+def test_a_long_chain_of_base_files_is_refused(tmp_path):
+    for index in range(100):
+        write(tmp_path / f"c{index}.yaml", f"_base_: c{index + 1}.yaml\n")
+    write(tmp_path / "c100.yaml", "")
+    with pytest.raises(UserError, match=r"c0.yaml' inherits through more than 16"):
+        config.load(str(tmp_path / "c0.yaml"))
+
+
+def test_a_bomb_in_a_checkpoints_config_is_refused_naming_the_checkpoint():
+    current = config.validate({})
+    saved = config.validate({})
+    nested = saved["train"]
+    for _ in range(5000):
+        nested["seed"] = {"seed": None}
+        nested = nested["seed"]
+    with pytest.raises(UserError, match=r"config in checkpoint 'run/checkpoints/step_3' nests values"):
+        config.changes_on_resume(saved, current, "run/checkpoints/step_3")

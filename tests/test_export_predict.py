@@ -339,6 +339,73 @@ def test_export_refuses_an_unwritable_output_before_any_work(exported, tmp_path,
     assert os.listdir(read_only) == []
 
 
+def tree_contents(folder):
+    """Every file under `folder`: {path relative to it: bytes}."""
+    return {
+        os.path.relpath(os.path.join(parent, name), folder): open(os.path.join(parent, name), "rb").read()
+        for parent, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+def damage_metadata(folder, kind):
+    path = folder / inference.METADATA_FILE
+    if kind == "foreign_metadata":
+        path.write_text(json.dumps({"experiment": "mine", "params_file": "weights.bin", "img_size": 16}))
+    else:
+        path.write_bytes(path.read_bytes()[:20])
+
+
+@pytest.mark.parametrize(
+    "other, named",
+    [
+        ("run_folder", "best.pdparams, checkpoints, config.yaml, notes.txt"),
+        ("export_with_notes", "notes.txt"),
+        ("foreign_metadata", "metadata.json is not an export's"),
+        ("broken_metadata", "metadata.json cannot be read"),
+    ],
+)
+def test_export_replaces_no_folder_but_an_earlier_export(exported, tmp_path, capsys, monkeypatch, other, named):
+    target = tmp_path / "target"
+    shutil.copytree(exported[0] if other == "run_folder" else exported[3], target)
+    if other in ("run_folder", "export_with_notes"):
+        (target / "notes.txt").write_text("what I tried, and why\n")
+    else:
+        damage_metadata(target, other)
+    before = tree_contents(target)
+    monkeypatch.setattr(export.models, "build_model", lambda *args: pytest.fail("export built a model first"))
+    code, _, err = run_script(export, capsys, "--checkpoint", checkpoint_of(exported), "--output", target)
+    assert code == 2 and err.strip().count("\n") == 0 and "Traceback" not in err
+    assert f"'{target}' is not an earlier export" in err and named in err
+    assert tree_contents(target) == before and sorted(os.listdir(tmp_path)) == ["target"]
+
+
+def test_export_refuses_an_output_folder_it_cannot_list(exported, tmp_path, capsys, monkeypatch):
+    """Root (as CI runs) lists any folder, so listing is given the answer other users get."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("what I tried, and why\n")
+    real_listdir = os.listdir
+
+    def listdir(path="."):
+        if str(path) == str(target):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    code, _, err = run_script(export, capsys, "--checkpoint", checkpoint_of(exported), "--output", target)
+    assert code == 2 and "Traceback" not in err and "its files cannot be listed (Permission denied)" in err
+    assert (target / "notes.txt").read_text() == "what I tried, and why\n"
+
+
+def test_export_replaces_an_earlier_export(exported, tmp_path):
+    target = tmp_path / "target"
+    shutil.copytree(exported[3], target)  # exported with --onnx
+    export.main(["--checkpoint", checkpoint_of(exported), "--output", str(target)])
+    assert sorted(os.listdir(target)) == ["inference.json", "inference.pdiparams", "metadata.json"]
+    assert json.loads((target / "metadata.json").read_text())["onnx_file"] is None
+
+
 def test_onnx_export_without_its_packages_says_what_to_install(exported, tmp_path, capsys, monkeypatch):
     real_import = inference.importlib.import_module
 

@@ -4,6 +4,7 @@ Each fault must end in a clean recovery (a resumed run finishes with exactly the
 uninterrupted one) or in one clear message with a non-zero exit, never a hang or a traceback.
 """
 
+import json
 import os
 import signal
 import socket
@@ -372,6 +373,26 @@ def test_resume_shows_config_changes_and_refuses_those_that_change_the_run(tmp_p
     log = (tmp_path / "run" / "train.log").read_text()
     assert "Resuming with changes to the checkpoint's config: train.seed: 0 -> 5; train.log_every: 2 -> 1" in log
     assert "seed: 5" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("step", 40.7), ("step", 10**30), ("step", -5), ("step", True), ("top1", "x"), ("top1", float("nan"))],
+)
+def test_an_edited_trainer_state_stops_the_resume_before_anything_is_trained(tmp_path, archive, capsys, field, value):
+    config_path = tiny_config(tmp_path, archive, "run")
+    assert run_in_process(config_path, capsys=capsys)[0] == 0
+    folder = tmp_path / "run" / "checkpoints" / "step_3"
+    state_file = folder / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text())
+    (state["best"] if field == "top1" else state)[field] = value
+    state_file.write_text(json.dumps(state))
+    run_files = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+
+    code, err = run_in_process(config_path, f"train.resume={folder}", capsys=capsys)
+    assert code == 2 and "Traceback" not in err and err.strip().count("\n") == 0
+    assert f"Checkpoint file '{state_file}' " in err
+    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == run_files
 
 
 def test_settings_that_waste_the_run_are_reported_and_the_largest_seed_runs_to_the_end(tmp_path, archive):
