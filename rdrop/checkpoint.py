@@ -97,8 +97,16 @@ def save(output_dir, step, model_state, optimizer_state, trainer_state, keep):
     return final
 
 
+def host_copy(state):
+    """`state`'s tensors copied into host memory (a blocking copy, also on a CPU, where `Tensor.cpu()`
+    would return the same tensor): a write of them in the background sees these values while the
+    optimizer goes on updating the model's own tensors. The copies keep their names, so paddle.save
+    writes the same file as from the model's state_dict."""
+    return {name: value._copy_to(paddle.CPUPlace(), True) for name, value in state.items()}
+
+
 def save_best(output_dir, model_state, metrics):
-    """Replace best.pdparams and best.json, each by an atomic rename."""
+    """Replace best.pdparams, then best.json, each by an atomic rename."""
     try:
         with atomic.replacing(os.path.join(output_dir, BEST_WEIGHTS)) as partial:
             paddle.save(model_state, partial)

@@ -12,6 +12,7 @@ import math
 import os
 
 from rdrop import checkpoint, distributed, logs, seeding
+from rdrop.background_write import BackgroundWrite
 from rdrop.loss import cross_entropy, symmetric_kl
 from rdrop.step import autocast
 
@@ -124,13 +125,15 @@ def selection_split(cfg):
 
 class Selection:
     """Model selection during training: evaluates on the selection split, logs the result and its
-    scalars, and keeps the best weights so far (best.pdparams and best.json, written by rank 0)."""
+    scalars, and keeps the best weights so far (best.pdparams and best.json, written by rank 0 in the
+    background: rdrop/background_write.py)."""
 
     def __init__(self, cfg, context, loader):
         self.split = selection_split(cfg)
         self.loader, self.context = loader, context
         self.num_classes, self.amp = cfg["model"]["num_classes"], cfg["train"]["amp"]
         self.output_dir = cfg["train"]["output_dir"]
+        self.best_write = BackgroundWrite("writing the best weights")
         held_out = "held out from training" if self.split == "val" else None
         logger.info(
             "Model selection on the %s split (%s)",
@@ -158,7 +161,13 @@ class Selection:
         if math.isfinite(metrics["cross_entropy"]) and (run.best is None or metrics["top1"] > run.best["top1"]):
             run.best = {"step": run.step, "split": self.split, **{k: metrics[k] for k in logs.EVAL_SCALARS}}
             if self.context.is_main:
-                checkpoint.save_best(self.output_dir, trainer.model.state_dict(), run.best)
+                weights = checkpoint.host_copy(trainer.model.state_dict())
+                self.best_write.start(checkpoint.save_best, self.output_dir, weights, dict(run.best))
+
+    def wait_for_best_weights(self):
+        """Block until best.pdparams and best.json are on disk: before a checkpoint, whose best metrics
+        must describe the weights there, and before the run ends."""
+        self.best_write.wait()
 
     def test_last_weights(self, trainer, loader, run):
         """Evaluate the last weights on the test split (when selection used val), and say how to test the best."""
@@ -177,6 +186,7 @@ class Selection:
         )
 
     def report_best(self, run):
+        self.wait_for_best_weights()
         if run.best is not None:
             logger.info(
                 "Done: best %s top1 %.2f at step %d, weights in %s",
