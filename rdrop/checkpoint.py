@@ -161,6 +161,27 @@ def listdir(folder):
     return os.listdir(folder) if os.path.isdir(folder) else []
 
 
+def selection_of(weights):
+    """How the weights at `weights` (what eval.py's --checkpoint names) were chosen: (split, description),
+    where split is the split that selected them ('val' or 'test', from the best.json that train.py
+    writes beside best.pdparams) or None when no split selected them or it is unknown."""
+    path = os.path.abspath(weights) if "://" not in weights else weights
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    step = STEP_FOLDER.match(os.path.basename(folder))
+    if step and os.path.basename(os.path.dirname(folder)) == CHECKPOINTS:
+        return None, f"the weights of training step {step.group(1)}, not selected on any split"
+    metrics_path = os.path.join(folder, BEST_METRICS)
+    if os.path.basename(path) != BEST_WEIGHTS or not os.path.isfile(metrics_path):
+        return None, "not written by train.py's model selection (no best.json beside them): selection unknown"
+    try:
+        metrics = read_json(metrics_path)
+        split, step = metrics["split"], metrics["step"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return None, f"selection unknown: {metrics_path} cannot be read ({type(error).__name__}: {error})"
+    optimistic = ": their test accuracy is an optimistic estimate" if split == "test" else ""
+    return split, f"the best on the {split} split during training (step {step}, {BEST_METRICS}){optimistic}"
+
+
 def run_config_path(weights):
     """The config.yaml of the training run that wrote `weights`: in the same folder (best.pdparams, a
     checkpoint folder or its model.pdparams) or in the run folder above `checkpoints/step_<N>`."""
