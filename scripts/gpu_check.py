@@ -644,7 +644,9 @@ def run_checks(cfg):
         peak = benchmark.default_peak_tflops(paddle.device.cuda.get_device_name(), cfg["train"]["amp"])
         results["speed"] = guarded(check_speed, cfg, gpus, peak)
     else:
-        results["speed"] = skipped(f"{no_gpu}: measures the GPU step")
+        results["speed"] = skipped(
+            f"{no_gpu}: measures the GPU step; tests/test_gpu_check.py runs it on a CPU with a planted slow step"
+        )
     return results
 
 
