@@ -638,7 +638,8 @@ def run_checks(cfg):
         results["accumulation"] = guarded(check_accumulation)
     else:
         results["accumulation"] = skipped(
-            f"needs 2 GPUs ({gpus} here); tests/test_train.py checks it on 2 CPU processes (gloo)"
+            f"needs 2 GPUs ({gpus} here); tests/test_train.py checks it on 2 CPU processes (gloo), and "
+            f"tests/test_gpu_check.py plants a missing no_sync and an extra all-reduce there"
         )
     if gpus:
         peak = benchmark.default_peak_tflops(paddle.device.cuda.get_device_name(), cfg["train"]["amp"])
