@@ -19,8 +19,11 @@ symmetric KL and the disagreement rate of K train-mode passes against the determ
 class_names, per_class (top-1 percent per class as a list indexed by label, aligned with
 class_names; null for a class without images in the split), per_class_count (images per class),
 worst_classes (list of {class, name, top1, num_samples}), consistency (with --consistency),
-checkpoint, config and split. The path is checked for writability before the evaluation, and the
-file is replaced atomically (rdrop/atomic.py): a full disk never leaves a truncated file.
+checkpoint, config, split (the one evaluated), selected_on and selection. selected_on is the split
+that selected the weights: "val" or "test" for a run's best.pdparams (from its best.json), null for
+a checkpoint folder (the weights of one step) and for weights from elsewhere; selection says that
+in words, and it is also printed. The path is checked for writability before the evaluation, and
+the file is replaced atomically (rdrop/atomic.py): a full disk never leaves a truncated file.
 """
 
 import argparse
@@ -59,6 +62,7 @@ def parse_args(argv=None):
 def format_report(report):
     lines = [
         f"{report['split']} split of {report['num_samples']} images, weights {report['checkpoint']}",
+        f"  weights        {report['selection']}",
         f"  top-1          {report['top1']:7.2f} %",
         f"  top-5          {report['top5']:7.2f} %",
         f"  cross-entropy  {report['cross_entropy']:7.4f}",
@@ -119,6 +123,7 @@ def main(argv=None):
         )
 
     class_names = list(data.class_names(cfg))
+    selected_on, selection = checkpoint.selection_of(args.checkpoint)
     report = {
         **metrics,
         "class_names": class_names,
@@ -126,6 +131,8 @@ def main(argv=None):
         "checkpoint": os.path.abspath(args.checkpoint),
         "config": os.path.abspath(config_path),
         "split": args.split,
+        "selected_on": selected_on,
+        "selection": selection,
     }
     if context.is_main:
         logger.info(format_report(report))

@@ -109,6 +109,7 @@ def main(argv=None):
         if due(train_cfg["eval_every"], run.step, total_steps):
             selection.evaluate(trainer, run, writer)
         if (due(train_cfg["save_every"], run.step, total_steps) or stop.stopping) and context.is_main:
+            selection.wait_for_best_weights()  # the checkpoint's best metrics describe best.pdparams
             run.save(trainer, stream.state_dict())
 
     stream.close()

@@ -97,8 +97,16 @@ def save(output_dir, step, model_state, optimizer_state, trainer_state, keep):
     return final
 
 
+def host_copy(state):
+    """`state`'s tensors copied into host memory (a blocking copy, also on a CPU, where `Tensor.cpu()`
+    would return the same tensor): a write of them in the background sees these values while the
+    optimizer goes on updating the model's own tensors. The copies keep their names, so paddle.save
+    writes the same file as from the model's state_dict."""
+    return {name: value._copy_to(paddle.CPUPlace(), True) for name, value in state.items()}
+
+
 def save_best(output_dir, model_state, metrics):
-    """Replace best.pdparams and best.json, each by an atomic rename."""
+    """Replace best.pdparams, then best.json, each by an atomic rename."""
     try:
         with atomic.replacing(os.path.join(output_dir, BEST_WEIGHTS)) as partial:
             paddle.save(model_state, partial)
@@ -151,6 +159,27 @@ def load(path):
 
 def listdir(folder):
     return os.listdir(folder) if os.path.isdir(folder) else []
+
+
+def selection_of(weights):
+    """How the weights at `weights` (what eval.py's --checkpoint names) were chosen: (split, description),
+    where split is the split that selected them ('val' or 'test', from the best.json that train.py
+    writes beside best.pdparams) or None when no split selected them or it is unknown."""
+    path = os.path.abspath(weights) if "://" not in weights else weights
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    step = STEP_FOLDER.match(os.path.basename(folder))
+    if step and os.path.basename(os.path.dirname(folder)) == CHECKPOINTS:
+        return None, f"the weights of training step {step.group(1)}, not selected on any split"
+    metrics_path = os.path.join(folder, BEST_METRICS)
+    if os.path.basename(path) != BEST_WEIGHTS or not os.path.isfile(metrics_path):
+        return None, "not written by train.py's model selection (no best.json beside them): selection unknown"
+    try:
+        metrics = read_json(metrics_path)
+        split, step = metrics["split"], metrics["step"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return None, f"selection unknown: {metrics_path} cannot be read ({type(error).__name__}: {error})"
+    optimistic = ": their test accuracy is an optimistic estimate" if split == "test" else ""
+    return split, f"the best on the {split} split during training (step {step}, {BEST_METRICS}){optimistic}"
 
 
 def run_config_path(weights):

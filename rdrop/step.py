@@ -35,10 +35,45 @@ def autocast(amp):
     return paddle.amp.auto_cast(enable=True, level="O1", dtype=AMP_DTYPES[amp])
 
 
+class LossScaler(paddle.amp.GradScaler):
+    """Paddle's GradScaler, told on the host whether the step's gradients were finite.
+
+    `GradScaler.step` hands the device flag found_inf to the optimizer, whose `step` reads it back with
+    `if found_inf:` (paddle/optimizer/optimizer.py; Momentum reads it once more): a second host read
+    per step. TrainStep has that answer already (non-finite unscaled gradients are found_inf, agreed
+    by every rank), so it applies or skips the update itself and passes the answer to `update_after`.
+    """
+
+    def update_after(self, nonfinite):
+        """Move the scale after a step, as `GradScaler.update` does once `step` has set `_cache_found_inf`."""
+        if self._enable:
+            self._cache_found_inf = nonfinite
+        self.update()
+
+    def _update(self):
+        """GradScaler._update without its print of the lowered scale: that print calls float() on the
+        scale, a tensor of shape [1], which NumPy 2.4 (requirements/common.txt) refuses with a TypeError,
+        so the first skipped fp16 step would end the run."""
+        if not self._enable:
+            return
+        if self._cache_found_inf:
+            self._incr_count = 0
+            self._decr_count += 1
+            if self._decr_count == self._decr_every_n_nan_or_inf:
+                self._scale = self._scale * self._decr_ratio
+                self._decr_count = 0
+        else:
+            self._decr_count = 0
+            self._incr_count += 1
+            if self._incr_count == self._incr_every_n_steps:
+                self._scale = self._scale * self._incr_ratio
+                self._incr_count = 0
+
+
 def loss_scaler(amp):
     """Dynamic loss scaling for fp16 (bf16 needs none); a disabled scaler (a plain pass-through)
     otherwise. On CPU, Paddle's auto_cast and GradScaler do nothing, so the same code runs everywhere."""
-    return paddle.amp.GradScaler(enable=amp == "fp16", init_loss_scaling=2.0**15)
+    return LossScaler(enable=amp == "fp16", init_loss_scaling=2.0**15)
 
 
 def accumulation_steps(train_cfg, world_size):
@@ -105,10 +140,10 @@ class TrainStep:
         control = paddle.stack(
             [(~paddle.isfinite(grad_norm)).astype("float32"), paddle.full([], float(stop_requested), dtype="float32")]
         )
-        nonfinite, stop = distributed.all_reduce_max(control, self.context).tolist()
-        if not nonfinite or self.scaler.is_enable():
-            self.scaler.step(self.optimizer)  # with fp16 the scaler skips a non-finite step and lowers its scale
-            self.scaler.update()
+        nonfinite, stop = distributed.all_reduce_max(control, self.context).tolist()  # the step's one host read
+        if not nonfinite:
+            self.optimizer.step()
+        self.scaler.update_after(bool(nonfinite))  # fp16: a skipped step lowers the scale
         self.optimizer.clear_grad()
         lr = self.scheduler.get_lr()
         self.scheduler.step()
@@ -146,7 +181,7 @@ class Trainer:
     ddp_model: paddle.nn.Layer
     optimizer: Any  # a paddle.optimizer.Optimizer, or fleet's wrapper of one
     scheduler: optim.WarmupDecay
-    scaler: paddle.amp.GradScaler
+    scaler: LossScaler
     accumulation: int
     train_step: TrainStep
 

@@ -272,3 +272,27 @@ def test_output_is_checked_before_the_evaluation_and_never_left_half_written(tmp
     for unwritable in (tmp_path / "a_file" / "metrics.json", tmp_path):
         code, message = run_eval(capsys, "--checkpoint", checkpoint, "--output", str(unwritable))
         assert code == 2 and f"--output '{unwritable}'" in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("selected_by", ["test", "val", "checkpoint folder", "no best.json"])
+def test_the_console_and_output_say_which_split_selected_the_weights(tmp_path, archive, capsys, selected_by):
+    run, _, _ = write_run(tmp_path, archive, "run", random_weights())
+    weights = run / checkpoint.BEST_WEIGHTS
+    if selected_by in ("test", "val"):
+        (run / checkpoint.BEST_METRICS).write_text(json.dumps({"step": 5, "split": selected_by, "top1": 1.0}))
+    if selected_by == "checkpoint folder":
+        weights = run / checkpoint.CHECKPOINTS / f"step_{CHECKPOINT_STEP}"
+    evaluate_script.main(["--checkpoint", str(weights), "--output", str(tmp_path / "m.json")])
+    (printed,) = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("weights ")]
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert written["split"] == "test"  # the evaluated split, whatever selected the weights
+    if selected_by in ("test", "val"):
+        assert written["selected_on"] == selected_by
+        assert f"the best on the {selected_by} split during training (step 5, best.json)" in printed
+        assert ("optimistic" in printed) == (selected_by == "test")
+    elif selected_by == "checkpoint folder":
+        assert written["selected_on"] is None
+        assert f"the weights of training step {CHECKPOINT_STEP}, not selected on any split" in printed
+    else:
+        assert written["selected_on"] is None and "selection unknown" in printed
+    assert printed == f"weights        {written['selection']}"

@@ -106,6 +106,54 @@ def test_one_host_read_per_optimizer_step_and_none_per_micro_step(accumulation):
     assert outcome["nonfinite"] is False and outcome["stop"] is False
 
 
+class _GpuPlace:
+    def is_gpu_place(self):
+        return True
+
+
+def fp16_step(monkeypatch, optimizer):
+    """An fp16 TrainStep whose loss scaler is enabled as on a GPU: GradScaler enables itself only where
+    the tracer's place is a GPU, and then scales, unscales and updates its scale as there."""
+    monkeypatch.setattr(
+        paddle.amp.grad_scaler, "_dygraph_tracer", lambda: type("Tracer", (), {"_expected_place": _GpuPlace()})
+    )
+    cfg = tiny_cfg(amp="fp16", global_batch_size=8)
+    cfg["optimizer"]["name"] = optimizer
+    model, step, accumulation = build_step(cfg)
+    assert step.scaler.is_enable()
+    return model, step, accumulation
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adamw"])
+def test_fp16_steps_read_found_inf_once(monkeypatch, optimizer):
+    """Paddle's GradScaler.step would read found_inf back inside the optimizer (Momentum twice): the
+    step's one read is the control flag, which carries it."""
+    _, step, accumulation = fp16_step(monkeypatch, optimizer)
+    batches = micro_batches(accumulation)
+    step(iter(batches))  # first call builds optimizer state
+    with counting_host_reads() as counter:
+        outcomes = [step(iter(batches)) for _ in range(3)]
+    assert counter["reads"] == 3
+    assert not any(outcome["nonfinite"] for outcome in outcomes)
+    assert step.scaler.state_dict()["incr_count"] == 4  # every finite step counts towards raising the scale
+
+
+def test_a_nonfinite_fp16_step_is_skipped_and_halves_the_loss_scale(monkeypatch):
+    model, step, accumulation = fp16_step(monkeypatch, "adamw")
+    step(iter(micro_batches(accumulation)))
+    before = {name: p.numpy() for name, p in model.named_parameters()}
+    scale = float(np.asarray(step.scaler.state_dict()["scale"]).reshape(-1)[0])
+    images, labels = micro_batches(1)[0]
+    images[0, 0, 0, 0] = float("inf")
+    outcome = step(iter([(images, labels)] * accumulation))
+    assert outcome["nonfinite"] is True
+    for name, parameter in model.named_parameters():
+        np.testing.assert_array_equal(parameter.numpy(), before[name], err_msg=name)
+    state = step.scaler.state_dict()
+    assert float(np.asarray(state["scale"]).reshape(-1)[0]) == scale / 2  # GradScaler's decr_ratio 0.5
+    assert state["incr_count"] == 0 and state["decr_count"] == 0
+
+
 def test_recompute_gives_the_same_losses_and_update_with_dropout_on():
     results = []
     for recompute in (False, True):

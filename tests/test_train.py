@@ -132,3 +132,22 @@ def test_the_closing_test_line_says_which_weights_scored_it(tmp_path, archive):
         assert "also the best on val" in line
     else:
         assert f"not the best-on-val weights; test those with: python eval.py --checkpoint {run}/best.pdparams" in line
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_the_log_and_best_json_name_the_selection_split_and_the_end_the_last_steps_test_top1(tmp_path, archive, split):
+    train.main(["--config", tiny_config(tmp_path, archive, data={"val_size": 8 if split == "val" else 0})])
+    run = tmp_path / "run"
+    best = json.loads((run / "best.json").read_text())
+    assert best["split"] == split
+    lines = (run / "train.log").read_text().splitlines()
+    assert any(f"Model selection on the {split} split" in line for line in lines)
+    evaluations = [line for line in lines if " eval step " in line]
+    assert len(evaluations) == 2 and all(f" on {split}: " in line for line in evaluations)
+    # The last step's test top-1, as the line that measured it printed it.
+    measured = evaluations[-1] if split == "test" else next(line for line in lines if "Test split" in line)
+    last_top1 = measured.split("top1 ")[1].split()[0]
+    (done,) = [line for line in lines if "Done: " in line]
+    assert f"best {split} top1 {best['top1']:.2f} at step {best['step']} (selected on the {split} split" in done
+    assert f"last step (6) test top1 {last_top1}" in done
+    assert ("optimistic" in done) == (split == "test")
