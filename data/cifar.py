@@ -9,10 +9,11 @@ archive, turns every way a bad file can fail into a `UserError` naming the file,
 names from the archive's meta member. `ARCHIVES` holds what differs between the two archives.
 
 Size bombs are refused by the dataset's known shape: a member may hold at most the images of its part
-of the official archive (3072 bytes each) and its labels, and no array may declare more bytes than the
-member holds (a NumPy array with stride 0, built from the allowed names, can declare 10^8 images in
-200 bytes). A gzip archive is read through a byte limit just above the official archive's
-uncompressed size, so a member that expands to gigabytes is cut off before it is held in memory.
+of the official archive (3072 bytes each, stored in at most twice that) and their labels, and no
+array may declare more bytes than the member holds (a NumPy array with stride 0, built from the
+allowed names, can declare 10^8 images in 200 bytes). A gzip archive is read through a byte limit
+above the largest size the official archive can take uncompressed, so a member that expands to
+gigabytes is cut off before it is held in memory.
 """
 
 import codecs
@@ -36,9 +37,10 @@ IMAGE_SIDE = 32
 IMAGE_BYTES = 3 * IMAGE_SIDE * IMAGE_SIDE
 # Both archives: 50,000 training and 10,000 test images.
 SPLIT_IMAGES = {"train": 50_000, "test": 10_000}
-# What an official member may hold beyond its images' pixels: labels, file names (about 30 bytes per
-# image) and pickle framing, with room to spare; the meta members are a few kilobytes.
-MEMBER_BYTES_PER_IMAGE = IMAGE_BYTES + 256
+# The most a member may hold per image: its pixels twice over (Python 3 pickles bytes at protocol 2 as
+# latin-1 text, UTF-8 encoded, so a byte above 127 takes two), plus its label, file name (about 30
+# bytes) and pickle framing, with room to spare. The meta members are a few kilobytes.
+MEMBER_BYTES_PER_IMAGE = 2 * IMAGE_BYTES + 256
 MEMBER_SLACK_BYTES = 1 << 20
 HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 # paddle.dataset.common.download() stores a file under DATA_HOME/<module name>/<URL basename>.
@@ -288,8 +290,8 @@ def _unpickle_member(archive, path, tar, name):
             archive,
             path,
             member,
-            f"holds {info.size:,} bytes, more than the official member's at most "
-            f"{archive.member_byte_limit(name):,} ({archive.member_images(name):,} images of {IMAGE_BYTES} bytes)",
+            f"holds {info.size:,} bytes, more than a member of {archive.member_images(name):,} images of "
+            f"{IMAGE_BYTES} bytes can take ({archive.member_byte_limit(name):,})",
         )
     try:
         batch = _RestrictedUnpickler(tar.extractfile(info), encoding="bytes").load()
