@@ -36,6 +36,7 @@ import math
 import os
 import pathlib
 import re
+import reprlib
 import signal
 import subprocess
 import sys
@@ -293,9 +294,9 @@ def timing_problem(timing):
     for attempt in attempts:
         loads = attempt.get("load_average_end", []) if isinstance(attempt, dict) else None
         if not (isinstance(attempt, dict) and _is_number(attempt.get("seconds"))):
-            return f"an attempt without its seconds: {attempt!r}"
+            return f"an attempt without its seconds: {reprlib.repr(attempt)}"
         if not (isinstance(loads, list) and all(map(_is_number, loads))):
-            return f"an attempt's load_average_end is not a list of numbers: {loads!r}"
+            return f"an attempt's load_average_end is not a list of numbers: {reprlib.repr(loads)}"
     return None
 
 
