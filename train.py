@@ -15,16 +15,20 @@ import itertools
 import logging
 import os
 
-from rdrop import config, distributed, evaluation, logs, output_folder, runtime, seeding
-from rdrop.errors import exit_on_user_error
-from rdrop.preemption import StopRequest, exit_when_stopped
-from rdrop.run_state import RunState
-from rdrop.step import DivergenceGuard, accumulation_steps, build_trainer
+from rdrop import preemption
 
-import paddle
+if __name__ == "__main__":
+    preemption.hold_stop_signals()  # until main() takes them: Paddle's import installs its own handler
 
-import data
-import models
+from rdrop import config, distributed, evaluation, logs, output_folder, runtime, seeding  # noqa: E402
+from rdrop.errors import exit_on_user_error  # noqa: E402
+from rdrop.run_state import RunState  # noqa: E402
+from rdrop.step import DivergenceGuard, accumulation_steps, build_trainer  # noqa: E402
+
+import paddle  # noqa: E402
+
+import data  # noqa: E402
+import models  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -41,9 +45,9 @@ def due(every, step, total_steps):
 
 
 @exit_on_user_error
-@exit_when_stopped
+@preemption.exit_when_stopped
 def main(argv=None):
-    stop = StopRequest().install()  # before anything slow: a signal at any moment ends the run cleanly
+    stop = preemption.StopRequest().install()  # before anything slow: a signal at any moment ends the run cleanly
     args = parse_args(argv)
     cfg = config.load(args.config, args.override)
     train_cfg, total_steps = cfg["train"], cfg["schedule"]["total_steps"]
@@ -114,7 +118,8 @@ def main(argv=None):
 
     stream.close()
     if test_loader is not None and not stop.stopping:
-        selection.test_last_weights(trainer, test_loader, run)
+        with stop.interruptible("the final test evaluation"):
+            selection.test_last_weights(trainer, test_loader, run)
     watchdog.stop()  # from here on a rank that is done may exit before the others
     distributed.barrier(context)
     writer.close()

@@ -7,10 +7,19 @@ official members contain (NumPy arrays of numbers, and the bytes helper of Pytho
 refuses any other with a `UserError` before calling it. This module also locates or downloads the
 archive, turns every way a bad file can fail into a `UserError` naming the file, and reads the class
 names from the archive's meta member. `ARCHIVES` holds what differs between the two archives.
+
+Size bombs are refused by the dataset's known shape: a member may hold at most the images of its part
+of the official archive (3072 bytes each, stored in at most twice that) and their labels, and no
+array may declare more bytes than the member holds (a NumPy array with stride 0, built from the
+allowed names, can declare 10^8 images in 200 bytes). A gzip archive is read through a byte limit
+above the largest size the official archive can take uncompressed, so a member that expands to
+gigabytes is cut off before it is held in memory.
 """
 
 import codecs
+import gzip
 import logging
+import math
 import pickle
 import tarfile
 from dataclasses import dataclass
@@ -25,6 +34,14 @@ from paddle.vision.datasets.cifar import CIFAR10_MD5, CIFAR10_URL, CIFAR100_MD5,
 logger = logging.getLogger(__name__)
 
 IMAGE_SIDE = 32
+IMAGE_BYTES = 3 * IMAGE_SIDE * IMAGE_SIDE
+# Both archives: 50,000 training and 10,000 test images.
+SPLIT_IMAGES = {"train": 50_000, "test": 10_000}
+# The most a member may hold per image: its pixels twice over (Python 3 pickles bytes at protocol 2 as
+# latin-1 text, UTF-8 encoded, so a byte above 127 takes two), plus its label, file name (about 30
+# bytes) and pickle framing, with room to spare. The meta members are a few kilobytes.
+MEMBER_BYTES_PER_IMAGE = 2 * IMAGE_BYTES + 256
+MEMBER_SLACK_BYTES = 1 << 20
 HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 # paddle.dataset.common.download() stores a file under DATA_HOME/<module name>/<URL basename>.
 PADDLE_CACHE_MODULE = "cifar"
@@ -50,6 +67,21 @@ class Archive:
 
     def split_members(self, split):
         return self.train_members if split == "train" else self.test_members
+
+    def member_images(self, name):
+        """How many images member `name` holds in the official archive (0 for the meta member)."""
+        for split in SPLIT_IMAGES:
+            if name in self.split_members(split):
+                return SPLIT_IMAGES[split] // len(self.split_members(split))
+        return 0
+
+    def member_byte_limit(self, name):
+        return self.member_images(name) * MEMBER_BYTES_PER_IMAGE + MEMBER_SLACK_BYTES
+
+    def byte_limit(self):
+        """Above the official archive's uncompressed size: its members and their tar headers."""
+        names = self.train_members + self.test_members + (self.meta_member,)
+        return sum(self.member_byte_limit(name) for name in names) + MEMBER_SLACK_BYTES
 
     def members(self):
         """Every member the official archive holds, for messages."""
@@ -166,31 +198,129 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return allowed
 
 
-def _unpickle_member(archive, path, tar, member):
-    """Member `member` of the open `tar`, unpickled with only the allowed names; None if absent."""
+class _ByteLimitedStream:
+    """The decompressed bytes of a gzip archive, for tarfile, ending in a UserError once a read or seek
+    passes `limit`: a file that expands beyond the official archive is cut off, not held."""
+
+    def __init__(self, stream, limit, refuse):
+        self._stream, self._limit, self._refuse = stream, limit, refuse
+
+    def read(self, size=-1):
+        allowed = self._limit + 1 - self._stream.tell()
+        data = self._stream.read(allowed if size is None or size < 0 else min(size, allowed))
+        if self._stream.tell() > self._limit:
+            self._refuse()
+        return data
+
+    def seek(self, offset, whence=0):
+        target = {0: 0, 1: self._stream.tell()}.get(whence)
+        if target is not None and target + offset > self._limit:
+            self._refuse()
+        return self._stream.seek(offset, whence)
+
+    def tell(self):
+        return self._stream.tell()
+
+
+def _open_archive(archive, path):
+    """`path` as an open tarfile; a gzip file (the official form) decompressed through a byte limit."""
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"
+    if not gzipped:
+        return tarfile.open(path, mode="r")
+
+    def refuse():
+        raise UserError(
+            f"{path} expands to more than {archive.byte_limit():,} bytes, beyond the official "
+            f"{archive.file_name} ({archive.title}: {sum(SPLIT_IMAGES.values()):,} images of {IMAGE_BYTES} "
+            f"bytes with their labels), so it was cut off there: the file was crafted or is not the "
+            f"official archive. Download it again (MD5 {archive.md5}) from {HOMEPAGE}, or set "
+            f"data.data_file: null and data.download: true."
+        )
+
+    return tarfile.open(fileobj=_ByteLimitedStream(gzip.open(path, "rb"), archive.byte_limit(), refuse), mode="r:")
+
+
+_DATA_TYPES = (np.ndarray, bytes, bytearray, str, dict, list, tuple)
+
+
+def _declared_bytes(value, budget):
+    """What `value` declares: an array's bytes and a bytes object's length per reference, and 1 per
+    item of a list, tuple or dict; counting stops once it exceeds `budget`. A list, tuple or dict
+    referenced twice (a pickle can nest one list in itself, or repeat it a million times for a few
+    bytes) declares without bound; the official members share nothing."""
+    total, pending, expanded = 0, [value], set()
+    while pending and total <= budget:
+        item = pending.pop()
+        if isinstance(item, np.ndarray):
+            total += item.nbytes
+        elif isinstance(item, (bytes, bytearray, str)):
+            total += len(item)
+        elif isinstance(item, (dict, list, tuple)) and item:
+            if id(item) in expanded:
+                return math.inf
+            expanded.add(id(item))
+            total += len(item)
+            pending.extend(
+                child for child in (item.values() if isinstance(item, dict) else item) if isinstance(child, _DATA_TYPES)
+            )
+    return total
+
+
+def _refuse_crafted(archive, path, member, what):
+    raise UserError(
+        f"{path} member {member} {what}: the file was crafted or is not the official {archive.file_name}, "
+        f"and it was not read any further. Download the archive again from {HOMEPAGE} (MD5 "
+        f"{archive.md5}) or set data.data_file: null and data.download: true."
+    )
+
+
+def _unpickle_member(archive, path, tar, name):
+    """Member `name` of the open `tar`, unpickled with only the allowed names; None if absent. A member
+    larger than the official one is refused before it is read."""
+    member = archive.member(name)
     try:
-        handle = tar.extractfile(member)
+        info = tar.getmember(member)
     except KeyError:
         return None
+    if not info.isfile():  # a link would read another member's bytes past the size check below
+        _refuse_crafted(archive, path, member, "is a link or a special file, where the official archive has data")
+    if info.size > archive.member_byte_limit(name):
+        _refuse_crafted(
+            archive,
+            path,
+            member,
+            f"holds {info.size:,} bytes, more than a member of {archive.member_images(name):,} images of "
+            f"{IMAGE_BYTES} bytes can take ({archive.member_byte_limit(name):,})",
+        )
     try:
-        return _RestrictedUnpickler(handle, encoding="bytes").load()
+        batch = _RestrictedUnpickler(tar.extractfile(info), encoding="bytes").load()
     except _RefusedGlobal as refused:
-        raise UserError(
-            f"{path} member {member} asks to run {refused} while it is read, which the {archive.title} "
-            f"archive never does: the file was crafted or is not the official "
-            f"{archive.file_name}, and it was not read any further. Download the archive again from "
-            f"{HOMEPAGE} (MD5 {archive.md5}) or set data.data_file: null and data.download: true."
-        ) from None
+        _refuse_crafted(
+            archive,
+            path,
+            member,
+            f"asks to run {refused} while it is read, which the {archive.title} archive never does",
+        )
+    if _declared_bytes(batch, info.size) > info.size:
+        _refuse_crafted(
+            archive,
+            path,
+            member,
+            f"declares more data than its {info.size:,} bytes hold (an array without its data, or a list "
+            f"referenced over and over)",
+        )
+    return batch
 
 
 def read_split(archive, path, split):
     """uint8 N x 3 x 32 x 32 images and int64 labels of `split` ("train" or "test"), in member order."""
     images, labels = [], []
     try:
-        with tarfile.open(path, mode="r") as tar:
+        with _open_archive(archive, path) as tar:
             for name in archive.split_members(split):
                 member = archive.member(name)
-                batch = _unpickle_member(archive, path, tar, member)
+                batch = _unpickle_member(archive, path, tar, name)
                 if batch is None:
                     raise UserError(
                         f"{path} has no member {member}: it is not the {archive.title} python archive "
@@ -199,6 +329,14 @@ def read_split(archive, path, split):
                     )
                 batch_labels = np.asarray(batch[archive.labels_key], dtype=np.int64)
                 batch_images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIDE, IMAGE_SIDE)
+                if len(batch_images) > archive.member_images(name):
+                    _refuse_crafted(
+                        archive,
+                        path,
+                        member,
+                        f"holds {len(batch_images):,} images, more than the official "
+                        f"member's {archive.member_images(name):,}",
+                    )
                 if len(batch_images) != len(batch_labels):
                     raise UserError(
                         f"{path} member {member} holds {len(batch_images)} images but {len(batch_labels)} "
@@ -224,8 +362,8 @@ def read_class_names(archive, path, num_classes):
     """Label names from the meta member, or "class_<i>" when it is missing or unreadable."""
     member = archive.member(archive.meta_member)
     try:
-        with tarfile.open(path, mode="r") as tar:
-            meta = _unpickle_member(archive, path, tar, member)
+        with _open_archive(archive, path) as tar:
+            meta = _unpickle_member(archive, path, tar, archive.meta_member)
         names = tuple(name.decode() for name in meta[archive.names_key])
     except UserError:
         raise  # a meta that tries to run code condemns the whole file, not just the names

@@ -8,6 +8,14 @@ import warnings
 os.environ.setdefault("GLOG_minloglevel", "2")
 warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 
-from rdrop.loss import RDropLoss, rdrop_logits, symmetric_kl  # noqa: E402
-
 __all__ = ["RDropLoss", "rdrop_logits", "symmetric_kl"]
+
+
+def __getattr__(name):
+    """The loss on first use: importing `rdrop` (or rdrop.preemption) must not import Paddle, so that
+    train.py can hold the stop signals before Paddle installs its handler (rdrop/preemption.py)."""
+    if name in __all__:
+        from rdrop import loss
+
+        return getattr(loss, name)
+    raise AttributeError(f"module 'rdrop' has no attribute {name!r}")

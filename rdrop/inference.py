@@ -4,6 +4,7 @@
 An export is checked before it counts: the written model is loaded back and must reproduce the
 dynamic model's logits on a random batch to within TOLERANCE."""
 
+import hashlib
 import importlib
 import json
 import os
@@ -29,6 +30,9 @@ EXPORT_FILES = {MODEL_PREFIX + suffix for suffix in PROGRAM_SUFFIXES} | {
     ONNX_FILE,
 }
 RUNTIMES = ("paddle", "onnx")
+# metadata.json's SHA-256 of the weights each runtime reads (model.onnx holds its own weights), so that
+# predict.py can tell them from another model's weights of the same shapes.
+DIGEST_KEYS = {"paddle": "params_sha256", "onnx": "onnx_sha256"}
 
 TOLERANCE = 1e-4
 CHECK_BATCH = 2
@@ -84,6 +88,15 @@ def check_replaceable(output):
             f"Choose a new folder (or an earlier export to replace), or move what you keep out of "
             f"'{output}' first."
         )
+
+
+def file_digest(path):
+    """The file's SHA-256, hex, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def import_packages(names, needed_for):
@@ -181,5 +194,10 @@ def write(folder, model, size, output, metadata, onnx_modules):
         write_onnx(folder, program, paddle2onnx)
         onnx_read = read_back("ONNX", lambda: onnx_runner(folder, onnxruntime)(batch), output)
         differences["onnx"] = check_logits("ONNX", onnx_read, expected, output)
-    atomic.write_json(os.path.join(folder, METADATA_FILE), dict(metadata, program_file=os.path.basename(program)))
+    digests = {DIGEST_KEYS["paddle"]: file_digest(os.path.join(folder, PARAMS_FILE))}
+    if onnx_modules:
+        digests[DIGEST_KEYS["onnx"]] = file_digest(os.path.join(folder, ONNX_FILE))
+    atomic.write_json(
+        os.path.join(folder, METADATA_FILE), dict(metadata, program_file=os.path.basename(program), **digests)
+    )
     return differences

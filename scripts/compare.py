@@ -27,13 +27,16 @@ comparison.png; --table-only rebuilds all of them from the run folders without t
 """
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import json
 import logging
 import math
 import os
 import pathlib
 import re
+import reprlib
 import signal
 import subprocess
 import sys
@@ -56,6 +59,7 @@ logger = logging.getLogger("compare")
 GRID_FILE = "grid.json"  # the grid's definition, so --table-only needs only the output folder
 TEST_METRICS = "test_metrics.json"
 TIMING_FILE = "compare_timing.json"
+TIMING_LOCK = ".compare_timing.lock"
 DEFAULT_ARMS = [["baseline", "rdrop.alpha=0"], ["rdrop"]]
 # (key, column header, how to read it from the run's record)
 METRICS = (
@@ -128,18 +132,63 @@ def define_grid(args):
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise UserError(f"Arm name(s) {', '.join(duplicates)} given twice. Give every --arm its own name.")
-    seeds = args.seeds if args.seeds is not None else [0, 1, 2, 3, 4]
-    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise UserError(f"--seeds {' '.join(map(str, seeds))}: give distinct seeds >= 0.")
+    seeds = checked_seeds(args.seeds if args.seeds is not None else [0, 1, 2, 3, 4])
     if args.consistency < 0:
         raise UserError(f"--consistency must be a number of dropout samples >= 0, got {args.consistency}.")
-    return {
-        "arms": arms,
-        "seeds": seeds,
-        "overrides": args.override,
-        "consistency": args.consistency,
-        "launcher": launcher_args(args),
-    }
+    grid = {"arms": arms, "seeds": seeds, "overrides": args.override, "consistency": args.consistency}
+    grid["launcher"] = launcher_args(args)
+    for arm in arms:
+        arm["definition"] = arm_definition(grid, arm)
+    return grid
+
+
+def checked_seeds(seeds):
+    """A seed given twice would be counted as two runs: n, and the interval, would claim more evidence
+    than the grid has."""
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(
+            f"--seeds {' '.join(map(str, seeds))}: give distinct seeds >= 0. Each seed is one run per arm, "
+            f"and the statistics count runs, so a repeated seed would count one run several times."
+        )
+    return seeds
+
+
+def arm_definition(grid, arm):
+    """The settings that define the arm's runs (config.run_definition, train.seed left out): a run
+    folder counts for the arm only if its config.yaml has exactly these."""
+    cfg = config.load(arm["config"], run_overrides(grid, arm, grid["seeds"][0], "unused"))
+    return {key: value for key, value in config.run_definition(cfg).items() if key != "train.seed"}
+
+
+def definition_differences(folder, arm, seed):
+    """How the run in `folder` differs from the arm's definition at `seed` ("key: run's -> arm's"), or
+    None if the folder holds no run config yet."""
+    path = os.path.join(folder, checkpoint.RUN_CONFIG)
+    if not os.path.exists(path):
+        return None
+    run = config.run_definition(config.load(path))
+    expected = dict(arm["definition"], **{"train.seed": seed})
+    return [
+        f"{key}: {config.shown(run.get(key))} -> {config.shown(value)}"
+        for key, value in expected.items()
+        if run.get(key) != value
+    ]
+
+
+def refuse_other_runs(grid, output_dir):
+    """Before grid.json is written: a run folder trained with other settings would be reported as this
+    grid's run, or resumed with settings it did not start with."""
+    for seed in grid["seeds"]:
+        for arm in grid["arms"]:
+            folder = run_dir(output_dir, arm, seed)
+            differences = definition_differences(folder, arm, seed)
+            if differences:
+                raise UserError(
+                    f"{folder} holds a run trained with other settings than arm '{arm['name']}' seed {seed} "
+                    f"has now ({'; '.join(differences[:5])}). It cannot count for this grid. Use another "
+                    f"--output-dir for these settings, rerun with the settings of that run, or delete "
+                    f"{folder} to train it again."
+                )
 
 
 def launcher_args(args):
@@ -204,9 +253,106 @@ class Subprocesses:
         return code
 
 
-def read_json(path):
-    with open(path, encoding="utf-8") as stream:
-        return json.load(stream)
+def read_json(path, check, fix):
+    """The JSON file at `path`, which `check(value)` accepts (it returns what is wrong, or None); a
+    missing, truncated or edited file ends in one paragraph naming it, with `fix`."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            value = json.load(stream)
+        problem = check(value)
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = f"{type(error).__name__}: {error}"
+    if problem:
+        raise UserError(f"{path} is damaged or not what compare.py wrote ({' '.join(problem.split())}). {fix}")
+    return value
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_texts(value):
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def metrics_problem(metrics):
+    if not isinstance(metrics, dict):
+        return f"a {type(metrics).__name__}, not an object"
+    wrong = [key for key in ("top1", "top5", "cross_entropy") if not _is_number(metrics.get(key))]
+    consistency = metrics.get("consistency", {})
+    if not isinstance(consistency, dict):
+        wrong.append("consistency")
+    else:
+        wrong += [f"consistency.{key}" for key, value in consistency.items() if not _is_number(value)]
+    return f"not numbers: {', '.join(wrong)}" if wrong else None
+
+
+def timing_problem(timing):
+    attempts = timing.get("attempts") if isinstance(timing, dict) else None
+    if not isinstance(attempts, list):
+        return "no list of attempts"
+    for attempt in attempts:
+        loads = attempt.get("load_average_end", []) if isinstance(attempt, dict) else None
+        if not (isinstance(attempt, dict) and _is_number(attempt.get("seconds"))):
+            return f"an attempt without its seconds: {reprlib.repr(attempt)}"
+        if not (isinstance(loads, list) and all(map(_is_number, loads))):
+            return f"an attempt's load_average_end is not a list of numbers: {reprlib.repr(loads)}"
+    return None
+
+
+def grid_problem(grid):
+    if not isinstance(grid, dict):
+        return f"a {type(grid).__name__}, not an object"
+    arms, seeds = grid.get("arms"), grid.get("seeds")
+    if (
+        not isinstance(arms, list)
+        or not arms
+        or not all(
+            isinstance(arm, dict)
+            and isinstance(arm.get("name"), str)
+            and ARM_NAME.match(arm["name"])
+            and isinstance(arm.get("config"), str)
+            and _is_texts(arm.get("overrides"))
+            and isinstance(arm.get("definition"), dict)
+            for arm in arms
+        )
+    ):
+        return "arms is not a list of {name, config, overrides, definition}"
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        return "seeds is not a list of whole numbers"
+    if not (_is_texts(grid.get("overrides")) and _is_texts(grid.get("launcher"))):
+        return "overrides or launcher is not a list of texts"
+    if not (isinstance(grid.get("consistency"), int) and not isinstance(grid["consistency"], bool)):
+        return "consistency is not a whole number"
+    return None
+
+
+RERUN_EVALUATION = "Delete it and rerun the same compare.py command (without --table-only) to evaluate the run again."
+FORGET_TIMING = "Delete it to continue without that run's training time, or rerun the run in a new --output-dir."
+
+
+def read_metrics(path):
+    return read_json(path, metrics_problem, RERUN_EVALUATION)
+
+
+def record_attempt(folder, attempt):
+    """Append `attempt` to the run's timing file under a lock, read after the run: two compare.py
+    processes on one grid each add their attempts, neither overwrites the other's."""
+    os.makedirs(folder, exist_ok=True)
+    timing_path = os.path.join(folder, TIMING_FILE)
+    lock = os.open(os.path.join(folder, TIMING_LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        exists = os.path.exists(timing_path)
+        timing = read_json(timing_path, timing_problem, FORGET_TIMING) if exists else {"attempts": []}
+        timing["attempts"].append(attempt)
+        atomic.write_json(timing_path, timing)
+    finally:
+        os.close(lock)  # releases the lock
 
 
 def train_run(grid, arm, seed, folder, processes):
@@ -214,20 +360,15 @@ def train_run(grid, arm, seed, folder, processes):
     args = ["--config", arm["config"]]
     for override in run_overrides(grid, arm, seed, folder) + ["train.resume=auto"]:
         args += ["-o", override]
-    timing_path = os.path.join(folder, TIMING_FILE)
-    timing = read_json(timing_path) if os.path.exists(timing_path) else {"attempts": []}
     load_start, start = os.getloadavg(), time.perf_counter()
     code = processes.run(script_command(grid["launcher"], os.path.join(folder, "launch"), str(ROOT / "train.py"), args))
-    os.makedirs(folder, exist_ok=True)
-    timing["attempts"].append(
-        {
-            "seconds": time.perf_counter() - start,
-            "exit_code": code,
-            "load_average_start": load_start,
-            "load_average_end": os.getloadavg(),
-        }
-    )
-    atomic.write_json(timing_path, timing)
+    attempt = {
+        "seconds": time.perf_counter() - start,
+        "exit_code": code,
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+    }
+    record_attempt(folder, attempt)
     return code, log
 
 
@@ -236,7 +377,7 @@ def evaluated(folder, consistency):
     path = os.path.join(folder, TEST_METRICS)
     if not os.path.exists(path):
         return False
-    return read_json(path).get("consistency", {}).get("samples", 0) == consistency
+    return read_metrics(path).get("consistency", {}).get("samples", 0) == consistency
 
 
 def evaluate_run(grid, folder, processes):
@@ -303,27 +444,34 @@ def run_grid(grid, output_dir):
 
 
 def collect_runs(grid, output_dir):
-    """One record per finished run (trained and evaluated), in grid order; missing runs are listed."""
-    runs, missing = [], []
+    """One record per finished run (trained with its arm's settings and evaluated), in grid order; the
+    runs left out are listed with the reason."""
+    runs, left_out = [], []
     for seed in grid["seeds"]:
         for arm in grid["arms"]:
             folder = run_dir(output_dir, arm, seed)
             metrics_path, timing_path = os.path.join(folder, TEST_METRICS), os.path.join(folder, TIMING_FILE)
             if not os.path.exists(metrics_path):
-                missing.append(folder)
+                left_out.append((folder, f"has no {TEST_METRICS} (not trained or not evaluated yet)"))
                 continue
-            attempts = read_json(timing_path)["attempts"] if os.path.exists(timing_path) else []
+            differences = definition_differences(folder, arm, seed)
+            if differences is None or differences:
+                why = "; ".join(differences[:5]) if differences else f"no {checkpoint.RUN_CONFIG}"
+                left_out.append((folder, f"was not trained with arm '{arm['name']}' seed {seed}'s settings ({why})"))
+                continue
+            exists = os.path.exists(timing_path)
+            attempts = read_json(timing_path, timing_problem, FORGET_TIMING)["attempts"] if exists else []
             runs.append(
                 {
                     "arm": arm["name"],
                     "seed": seed,
                     "folder": folder,
-                    "test": read_json(metrics_path),
+                    "test": read_metrics(metrics_path),
                     "train_seconds": sum(attempt["seconds"] for attempt in attempts) if attempts else math.nan,
-                    "load_average_end": attempts[-1]["load_average_end"] if attempts else None,
+                    "load_average_end": attempts[-1].get("load_average_end", []) if attempts else None,
                 }
             )
-    return runs, missing
+    return runs, left_out
 
 
 def summarise(grid, runs):
@@ -364,27 +512,25 @@ def format_table(summary):
             lines.append(f"  {headers[key]}")
             digits = DIGITS[key]
             for row in (row for row in summary["pairs"] if row["metric"] == key):
-                lines.append(
-                    f"    {row['pair']:<24} {_number(row['mean'], digits):>9}  "
-                    f"[{_number(row['ci_low'], digits)}, {_number(row['ci_high'], digits)}]  (n={row['n']})"
-                )
+                interval = row["ci_undefined"] or f"{_number(row['ci_low'], digits)}, {_number(row['ci_high'], digits)}"
+                lines.append(f"    {row['pair']:<24} {_number(row['mean'], digits):>9}  [{interval}]  (n={row['n']})")
     return "\n".join(lines)
 
 
 def write_outputs(output_dir, grid, runs, summary, table):
-    with open(os.path.join(output_dir, "table.txt"), "w", encoding="utf-8") as stream:
+    with replaced(os.path.join(output_dir, "table.txt")) as stream:
         stream.write(table + "\n")
-    with open(os.path.join(output_dir, "runs.csv"), "w", newline="", encoding="utf-8") as stream:
+    with replaced(os.path.join(output_dir, "runs.csv")) as stream:
         writer = csv.writer(stream)
         writer.writerow(["arm", "seed", *summary["metrics"], "load_average_end_1_5_15", "folder"])
         for run in runs:
             row = [run["arm"], run["seed"], *(dict((k, r(run)) for k, _, r in METRICS)[k] for k in summary["metrics"])]
             writer.writerow(row + [" ".join(f"{v:.2f}" for v in run["load_average_end"] or ()), run["folder"]])
-    with open(os.path.join(output_dir, "summary.csv"), "w", newline="", encoding="utf-8") as stream:
+    with replaced(os.path.join(output_dir, "summary.csv")) as stream:
         writer = csv.writer(stream)
-        writer.writerow(["kind", "name", "metric", "n", "mean", "std", "ci_low", "ci_high"])
+        writer.writerow(["kind", "name", "metric", "n", "mean", "std", "ci_low", "ci_high", "ci_undefined"])
         for row in summary["arms"]:
-            writer.writerow(["arm", row["arm"], row["metric"], row["n"], row["mean"], row["std"], "", ""])
+            writer.writerow(["arm", row["arm"], row["metric"], row["n"], row["mean"], row["std"], "", "", ""])
         for row in summary["pairs"]:
             writer.writerow(
                 [
@@ -396,6 +542,7 @@ def write_outputs(output_dir, grid, runs, summary, table):
                     row["std"],
                     row["ci_low"],
                     row["ci_high"],
+                    row["ci_undefined"] or "",
                 ]
             )
     results = {
@@ -405,6 +552,14 @@ def write_outputs(output_dir, grid, runs, summary, table):
     }
     atomic.write_json(os.path.join(output_dir, "results.json"), results)
     plot(summary, os.path.join(output_dir, "comparison.png"))
+
+
+@contextlib.contextmanager
+def replaced(path):
+    """A text stream whose content replaces `path` whole when the block ends: two compare.py processes
+    on one grid never leave a mixture of both tables."""
+    with atomic.replacing(path) as partial, open(partial, "w", newline="", encoding="utf-8") as stream:
+        yield stream
 
 
 def plot(summary, path):
@@ -454,12 +609,16 @@ def main(argv=None):
                 f"'{output_dir}' holds no {GRID_FILE}: it is not a compare.py grid folder. Pass the "
                 f"--output-dir of an earlier compare.py run, or give --config and --arm as for that run."
             )
-        grid = read_json(grid_path)
-        if args.seeds is not None:
-            grid["seeds"] = args.seeds
+        grid = read_json(
+            grid_path,
+            grid_problem,
+            "Delete it and rebuild the table with --config and --arm as you ran the grid, plus --table-only.",
+        )
+        grid["seeds"] = checked_seeds(args.seeds if args.seeds is not None else grid["seeds"])
     else:
         grid = define_grid(args)
     if not args.table_only:
+        refuse_other_runs(grid, output_dir)
         try:
             os.makedirs(output_dir, exist_ok=True)
             atomic.write_json(grid_path, grid)
@@ -471,14 +630,14 @@ def main(argv=None):
             run_grid(grid, output_dir)
         except KeyboardInterrupt:
             raise UserError("Grid stopped by Ctrl-C between runs. Rerun the same command to continue.") from None
-    runs, missing = collect_runs(grid, output_dir)
+    runs, left_out = collect_runs(grid, output_dir)
+    for folder, reason in left_out:
+        logger.warning("not in the table: %s %s", folder, reason)
     if not runs:
         raise UserError(
-            f"No finished runs in '{output_dir}' (no {TEST_METRICS} in {', '.join(missing[:3])}...). "
-            f"Run the grid first, without --table-only."
+            f"No finished runs of this grid in '{output_dir}' (see the reasons above). Run the grid first, "
+            f"without --table-only."
         )
-    for folder in missing:
-        logger.warning("not in the table: %s has no %s (not trained or not evaluated yet)", folder, TEST_METRICS)
     summary = summarise(grid, runs)
     table = format_table(summary)
     write_outputs(output_dir, grid, runs, summary, table)

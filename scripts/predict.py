@@ -6,11 +6,12 @@
 
 Each argument is an image file or a folder; a folder contributes its image files (PNG, JPEG, BMP, GIF,
 TIFF, WebP, PPM/PGM, by extension) and those of its subfolders, in sorted order. Each image's line on
-standard output lists its top classes and probabilities. An image that cannot be read (not an image,
-missing, or a decompression bomb: more pixels than Pillow's limit) is reported on standard error and
-the others are still classified; the exit code is then 2, as for any input error. --output writes
-all results to a .json (a list of {file, predictions: [{class, probability}], error}) or .csv file
-(file, error, then class_1, probability_1, ... up to --top), replaced atomically.
+standard output lists its top classes and probabilities, as soon as its batch of 32 files is
+classified (memory holds one batch, however many files). An image that cannot be read (not an image,
+missing, not a regular file, or a decompression bomb: more pixels than Pillow's limit) is reported on
+standard error and the others are still classified; the exit code is then 2, as for any input error.
+--output writes all results to a .json (a list of {file, predictions: [{class, probability}], error})
+or .csv file (file, error, then class_1, probability_1, ... up to --top), replaced atomically.
 
 Images become RGB as in training and evaluation (`data.transforms.load_rgb`: EXIF orientation, any
 mode) and are preprocessed exactly as the evaluation of the model's dataset preprocesses test images
@@ -28,7 +29,9 @@ import argparse
 import csv
 import json
 import os
+import stat
 import sys
+import warnings
 
 from rdrop import atomic, inference, runtime
 from rdrop.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error
@@ -85,6 +88,16 @@ def read_metadata(model_dir, runtime_name):
         if not os.path.isfile(file):
             without_onnx = " (export.py writes it with --onnx)" if runtime_name == "onnx" else ""
             raise _not_exported(model_dir, f"{file} is missing{without_onnx}")
+    # A weights file swapped in from another model of the same shape would load and classify.
+    weights, digest_key = model_files[-1], inference.DIGEST_KEYS[runtime_name]
+    if digest_key not in metadata:
+        raise _not_exported(model_dir, f"{path} records no {digest_key} of {weights} (an export of an earlier version)")
+    if inference.file_digest(weights) != metadata[digest_key]:
+        raise _not_exported(
+            model_dir,
+            f"{weights} is not the file this export wrote: its SHA-256 differs from {digest_key} in {path} "
+            f"(weights copied in from another model, or a damaged file)",
+        )
     # The pixels are prepared by data.transforms below; a model exported with another normalisation
     # would silently get wrong inputs.
     expected = ([transforms.MEAN] * 3, [transforms.STD] * 3, 255.0)
@@ -145,18 +158,28 @@ def image_files(arguments):
                 if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
             )
             found += [(path, None) for path in inside] or [(argument, "folder holds no image files")]
-        elif os.path.isfile(argument):
-            found.append((argument, None))
+        elif os.path.lexists(argument):
+            found.append((argument, None))  # preprocess refuses what is not a regular file
         else:
             found.append((argument, "no such file or folder"))
     return found
 
 
 def preprocess(path, img_size, resize):
-    """float32 3 x img_size x img_size: the file's pixels prepared as evaluation prepares test images."""
+    """float32 3 x img_size x img_size: the file's pixels prepared as evaluation prepares test images.
+
+    Opened without blocking and refused unless a regular file: reading a FIFO named like an image would
+    wait forever for a writer. Images above Pillow's pixel limit are refused: Pillow itself raises
+    only above twice the limit and merely warns between once and twice, where decoding still takes
+    gigabytes."""
     try:
-        return transforms.prepared_for_prediction(path, img_size, resize)
-    except Image.DecompressionBombError as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as stream:
+                if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                    raise UserError("not a regular file (a FIFO, device or socket, which may never end); refused")
+                return transforms.prepared_for_prediction(stream, img_size, resize)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise UserError(f"refused: {error}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:  # Pillow's decoders raise these on broken files
         raise UserError(f"not a readable image ({type(error).__name__}: {error})") from None
@@ -169,28 +192,32 @@ def softmax(logits):
 
 
 def classify(model, img_size, resize, class_names, paths, top):
-    """{path: (ranked [(class name, probability)] best first, or None; error message or None)}."""
+    """{path: (ranked [(class name, probability)] best first, or None; error message or None)} for
+    `paths`, at most BATCH_SIZE of them, read and classified together."""
     results, readable = {}, []
     for path in paths:
         try:
             readable.append((path, preprocess(path, img_size, resize)))
         except UserError as error:
             results[path] = (None, str(error))
-    for start in range(0, len(readable), BATCH_SIZE):
-        chunk = readable[start : start + BATCH_SIZE]
-        logits = model(np.stack([pixels for _, pixels in chunk]))
-        for (path, _), row in zip(chunk, softmax(logits.astype(np.float64))):
+    if readable:
+        logits = model(np.stack([pixels for _, pixels in readable]))
+        for (path, _), row in zip(readable, softmax(logits.astype(np.float64))):
             best = np.argsort(-row, kind="stable")[:top]
             results[path] = ([(class_names[i], float(row[i])) for i in best], None)
     return results
 
 
 def predict(model_dir, arguments, top=5, runtime_name="paddle"):
-    """[(path, ranked or None, error or None)] in argument order, folders expanded (see the module doc)."""
+    """Yields (path, ranked or None, error or None) in argument order, folders expanded (see the module
+    doc), BATCH_SIZE files at a time: memory holds one batch of images however many files there are."""
     model, img_size, class_names, resize = load_model(model_dir, runtime_name)
     found = image_files(arguments)
-    results = classify(model, img_size, resize, class_names, [path for path, error in found if error is None], top)
-    return [(path, *results[path]) if error is None else (path, None, error) for path, error in found]
+    for start in range(0, len(found), BATCH_SIZE):
+        batch = found[start : start + BATCH_SIZE]
+        results = classify(model, img_size, resize, class_names, [path for path, error in batch if error is None], top)
+        for path, error in batch:
+            yield (path, *results[path]) if error is None else (path, None, error)
 
 
 def write_output(results, path, top):
@@ -224,12 +251,13 @@ def main(argv=None):
             raise UserError(f"--output '{args.output}' must end in .json or .csv, which selects the format.")
         atomic.check_writable(args.output, "--output")
     runtime.configure_cpu()
-    results = predict(args.model, args.images, args.top, args.runtime)
-    for path, ranked, error in results:
+    results = []
+    for path, ranked, error in predict(args.model, args.images, args.top, args.runtime):
         if error is None:
             print(f"{path}: " + ", ".join(f"{name} {100.0 * p:.2f} %" for name, p in ranked), flush=True)
         else:
             print(f"error: {path}: {error}", file=sys.stderr, flush=True)
+        results.append((path, ranked, error))
     if args.output:
         try:
             write_output(results, args.output, args.top)

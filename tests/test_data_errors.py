@@ -2,6 +2,10 @@
 
 import os
 import pickle
+import struct
+import subprocess
+import sys
+import tarfile
 
 from rdrop.errors import UserError
 from rdrop.step import accumulation_steps
@@ -229,3 +233,108 @@ def test_a_cifar10_member_that_would_run_code_is_refused_unrun(tmp_path):
     )
     assert_user_error(make_cfg(path, dataset="cifar10"), path, "cifar-10-batches-py/test_batch", "system")
     assert not marker.exists()
+
+
+class _StrideZeroArray:
+    """Pickles as numpy.ndarray(shape, dtype, buffer, 0, strides=0...): every element is the buffer's
+    one byte, so the array declares any number of images in a few bytes, with allowed names only."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+
+    def __reduce__(self):
+        return (np.ndarray, (self.shape, self.dtype, b"\0" * self.dtype.itemsize, 0, (0,) * len(self.shape)))
+
+
+@pytest.mark.parametrize("images", [10**8, 20_000])
+def test_a_member_declaring_images_it_does_not_hold_is_refused(tmp_path, images):
+    crafted = pickle.dumps(
+        {b"fine_labels": _StrideZeroArray((images,), np.int64), b"data": _StrideZeroArray((images, 3072), np.uint8)},
+        protocol=2,
+    )
+    assert len(crafted) < 400
+    path = small_archive(tmp_path / "a.tar.gz", member_payloads={"test": crafted})
+    assert_user_error(make_cfg(path), path, "cifar-100-python/test", "declares more data than its")
+
+
+def test_a_member_repeating_one_image_list_is_refused(tmp_path):
+    """Pickle's memo lets 100,000 images be one list referenced 100,000 times: 300 MB from 200 kB."""
+    image = [0] * 3072
+    crafted = pickle.dumps({b"fine_labels": [0] * 100_000, b"data": [image] * 100_000}, protocol=2)
+    assert len(crafted) < 1_000_000
+    path = small_archive(tmp_path / "a.tar.gz", member_payloads={"test": crafted})
+    assert_user_error(make_cfg(path), path, "cifar-100-python/test", "declares more data than its")
+
+
+def test_a_member_with_more_images_than_the_official_one_is_refused(tmp_path):
+    images = np.zeros((10_001, 3072), dtype=np.uint8)  # CIFAR-100's test member holds 10,000
+    crafted = pickle.dumps({b"fine_labels": [0] * len(images), b"data": images}, protocol=2)
+    path = small_archive(tmp_path / "a.tar.gz", member_payloads={"test": crafted})
+    assert_user_error(make_cfg(path), path, "cifar-100-python/test", "10,001 images", "10,000")
+
+
+class _Zeros:
+    """A file of `size` bytes: `prefix`, then zeros, read without holding it."""
+
+    def __init__(self, prefix, size):
+        self.prefix, self.left = prefix, size
+
+    def read(self, size):
+        size = min(size, self.left)
+        head, self.prefix = self.prefix[:size], self.prefix[size:]
+        self.left -= size
+        return head + bytes(size - len(head))
+
+
+def archive_with_zeros(tmp_path, name, size):
+    """The small archive plus (or with `test` replaced by) a member of `size` bytes: a pickle opcode
+    asking to read that many bytes, then zeros. Gzip turns it into about size / 1000 bytes."""
+    small = small_archive(tmp_path / "small.tar.gz")
+    path = tmp_path / "bomb.tar.gz"
+    with tarfile.open(small) as source, tarfile.open(path, "w:gz", compresslevel=1) as target:
+        for info in source.getmembers():
+            if info.name != f"cifar-100-python/{name}":
+                target.addfile(info, source.extractfile(info))
+        info = tarfile.TarInfo(f"cifar-100-python/{name}")
+        info.size = size
+        target.addfile(info, _Zeros(b"\x80\x04\x8e" + struct.pack("<Q", size - 11), size))
+    return path
+
+
+PEAK_MEMORY = """
+import resource, sys
+from data import cifar
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    cifar.read_split(cifar.ARCHIVES["cifar100"], sys.argv[1], "test")
+    outcome = "read"
+except Exception as error:
+    outcome = str(error)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)  # kilobytes
+print(outcome)
+"""
+
+
+def test_a_member_expanding_beyond_the_official_size_is_cut_off_unread(tmp_path):
+    path = archive_with_zeros(tmp_path, "test", 120 * 2**20)  # the official member: about 31 MB
+    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(path)], capture_output=True, text=True, timeout=300)
+    growth_kb, message = result.stdout.splitlines()
+    assert "cifar-100-python/test holds 125,829,120 bytes, more than a member of 10,000 images" in message
+    assert int(growth_kb) < 40 * 1024  # read, the member alone would take 120 MB
+
+
+def test_an_archive_expanding_beyond_the_official_size_is_cut_off(tmp_path):
+    path = archive_with_zeros(tmp_path, "extra", 480 * 2**20)  # a member the reader never asks for
+    assert_user_error(make_cfg(path), path, "expands to more than", "cut off")
+
+
+def test_a_member_that_links_to_a_larger_one_is_refused(tmp_path):
+    path = archive_with_zeros(tmp_path, "extra", 1000)
+    linked = tmp_path / "linked.tar.gz"
+    with tarfile.open(path) as source, tarfile.open(linked, "w:gz") as target:
+        for info in source.getmembers():
+            if info.name == "cifar-100-python/test":
+                info = tarfile.TarInfo(info.name)
+                info.type, info.linkname = tarfile.SYMTYPE, "extra"
+            target.addfile(info, source.extractfile(info) if info.isfile() else None)
+    assert_user_error(make_cfg(linked), linked, "cifar-100-python/test is a link")

@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import weakref
 import zlib
 
 from rdrop import inference
@@ -110,8 +111,8 @@ def test_predict_on_png_files_matches_evaluation(exported, tmp_path, capsys):
 def test_predict_through_onnxruntime_ranks_as_the_paddle_model(exported, tmp_path):
     output = exported[3]
     images = [str(save_png(tmp_path / f"{index}.png", index)) for index in range(3)]
-    through_paddle = predict.predict(str(output), images, top=5)
-    through_onnx = predict.predict(str(output), images, top=5, runtime_name="onnx")
+    through_paddle = list(predict.predict(str(output), images, top=5))
+    through_onnx = list(predict.predict(str(output), images, top=5, runtime_name="onnx"))
     for (path, paddle_ranked, _), (onnx_path, onnx_ranked, error) in zip(through_paddle, through_onnx):
         assert onnx_path == path and error is None
         assert [name for name, _ in onnx_ranked] == [name for name, _ in paddle_ranked]
@@ -133,7 +134,7 @@ def test_predict_resizes_other_sizes_and_jpeg_as_evaluation_would(exported, tmp_
     odd = rng.integers(0, 256, size=(24, 40, 4), dtype=np.uint8)
     Image.fromarray(odd, mode="RGBA").save(tmp_path / "odd.png")
     Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg", quality=90)
-    results = predict.predict(str(output), [str(tmp_path / "odd.png"), str(tmp_path / "photo.jpg")])
+    results = list(predict.predict(str(output), [str(tmp_path / "odd.png"), str(tmp_path / "photo.jpg")]))
     settings = InputSettings.from_config(cfg)
     for path, ranked, _ in results:
         decoded = np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
@@ -274,7 +275,7 @@ def test_predict_refuses_a_damaged_export_in_one_paragraph(exported, tmp_path, c
     assert code == 2 and out == "" and "Traceback" not in err
     assert err.startswith(f"error: '{broken}' does not hold a usable model") and err.strip().count("\n") == 0
     expected = {
-        "truncated_weights": "Paddle cannot load",
+        "truncated_weights": "inference.pdiparams is not the file this export wrote",
         "img_size_zero": "img_size",
         "no_class_names": "class_names",
         "class_count": "100 outputs but metadata.json names 10 classes",
@@ -317,7 +318,7 @@ def test_a_failed_export_leaves_the_previous_export_intact(exported, tmp_path, c
     assert ("cannot be read back" if failure == "silently_truncated" else "No space left on device") in err
     assert folder_contents(previous) == before
     assert sorted(os.listdir(tmp_path)) == ["exported"]  # the temporary folder is gone too
-    results = predict.predict(str(previous), [str(save_png(tmp_path / "images" / "x.png", 3))])
+    results = list(predict.predict(str(previous), [str(save_png(tmp_path / "images" / "x.png", 3))]))
     assert results[0][2] is None
 
 
@@ -444,7 +445,74 @@ def test_the_readme_commands_export_and_predict_a_folder(exported, tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert [line.split(": ")[0] for line in finished.stdout.splitlines()] == [str(path) for path in images]
     rows = json.loads((tmp_path / "predictions.json").read_text())
-    in_process = predict.predict(str(output), [str(path) for path in images])
+    in_process = list(predict.predict(str(output), [str(path) for path in images]))
     assert [[p["class"] for p in row["predictions"]] for row in rows] == [
         [name for name, _ in ranked] for _, ranked, _ in in_process
     ]
+
+
+def test_predict_refuses_a_fifo_named_like_an_image_without_blocking(exported, tmp_path):
+    folder = tmp_path / "images"
+    good = save_png(folder / "a.png", 0)
+    os.mkfifo(folder / "b.png")  # no writer ever opens it: reading it would wait forever
+    result = subprocess.run(
+        [sys.executable, "scripts/predict.py", "--model", str(exported[3]), str(folder)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {folder / 'b.png'}: not a regular file" in result.stderr
+    assert result.stdout.startswith(f"{good}: ")
+
+
+def test_predict_holds_one_batch_of_images_however_many_files(exported, tmp_path, monkeypatch):
+    """Every preprocessed image is tracked by a weak reference; when the model runs, only the images
+    of the batch it classifies may still exist."""
+    paths = [str(save_png(tmp_path / f"{index:03d}.png", index)) for index in range(2 * predict.BATCH_SIZE + 5)]
+    alive, batch_sizes, peak = [], [], []
+    real_preprocess, real_load_model = predict.preprocess, predict.load_model
+
+    def tracked_preprocess(*args):
+        pixels = real_preprocess(*args)
+        alive.append(weakref.ref(pixels))
+        return pixels
+
+    def counting_load_model(*args):
+        model, *rest = real_load_model(*args)
+
+        def run(batch):
+            batch_sizes.append(len(batch))
+            peak.append(sum(ref() is not None for ref in alive))
+            return model(batch)
+
+        return (run, *rest)
+
+    monkeypatch.setattr(predict, "preprocess", tracked_preprocess)
+    monkeypatch.setattr(predict, "load_model", counting_load_model)
+    results = list(predict.predict(str(exported[3]), paths))
+    assert [path for path, _, _ in results] == paths and all(error is None for _, _, error in results)
+    assert batch_sizes == [predict.BATCH_SIZE, predict.BATCH_SIZE, 5]
+    assert max(peak) <= predict.BATCH_SIZE
+
+
+def test_predict_refuses_images_between_once_and_twice_pillows_limit(exported, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 20 x 20 = 400 pixels: Pillow only warns
+    path = save_png(tmp_path / "large.png", 0)
+    code, out, err = run_script(predict, capsys, "--model", exported[3], path)
+    assert code == 2 and out == ""
+    assert f"error: {path}: refused: Image size (400 pixels) exceeds limit of 300 pixels" in err
+
+
+def test_predict_refuses_weights_swapped_in_from_another_model(exported, archive, tmp_path, capsys):
+    run, _, _ = write_run(tmp_path, archive, "other", random_weights(seed=1))
+    other = tmp_path / "other_export"
+    export.main(["--checkpoint", str(run / "best.pdparams"), "--output", str(other)])
+    capsys.readouterr()
+    swapped = tmp_path / "swapped"
+    shutil.copytree(exported[3], swapped)
+    shutil.copy(other / inference.PARAMS_FILE, swapped / inference.PARAMS_FILE)
+    code, out, err = run_script(predict, capsys, "--model", swapped, save_png(tmp_path / "x.png", 0))
+    assert code == 2 and out == "" and err.strip().count("\n") == 0
+    assert "inference.pdiparams is not the file this export wrote" in err and "params_sha256" in err

@@ -115,7 +115,18 @@ def test_sigterm_checkpoints_exits_stopped_and_resumes_exactly(tmp_path, archive
     assert_same_weights(reference, resumed)
 
 
-def test_sigterm_during_start_up_ends_the_run_at_once_and_cleanly(tmp_path, archive):
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def assert_stopped_during_start_up(process, signum):
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == STOPPED_EXIT_CODE, err
+    assert f"Stopped by {signum.name} during start-up" in out + err
+    assert "FatalError" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda signum: signum.name)
+def test_a_signal_during_start_up_ends_the_run_at_once_and_cleanly(tmp_path, archive, signum):
     """Until the loop starts, Paddle's C++ handler used to take SIGTERM: a FatalError dump, exit 143, and
     now and then a deadlock. The signal is sent once the run has written its config, mid start-up."""
     config_path = long_config(tmp_path, archive, "starting")
@@ -123,12 +134,62 @@ def test_sigterm_during_start_up_ends_the_run_at_once_and_cleanly(tmp_path, arch
     while not (tmp_path / "starting" / "config.yaml").exists():
         assert process.poll() is None
         time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == STOPPED_EXIT_CODE, err
-    assert "Stopped by SIGTERM" in out + err
-    assert "FatalError" not in err and "Traceback" not in err
+    process.send_signal(signum)
+    assert_stopped_during_start_up(process, signum)
     assert not any(name.endswith(".partial") for _, _, names in os.walk(tmp_path / "starting") for name in names)
+
+
+def paddle_library_loaded(pid):
+    """Whether the process has mapped Paddle's C++ library, which `import paddle` loads early on."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return "libpaddle" in maps.read()
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda signum: signum.name)
+def test_a_signal_while_paddle_is_imported_ends_the_run_cleanly(tmp_path, archive, signum):
+    process = start_single(long_config(tmp_path, archive, "importing"))
+    while not paddle_library_loaded(process.pid):
+        assert process.poll() is None
+        time.sleep(0.001)
+    process.send_signal(signum)
+    assert_stopped_during_start_up(process, signum)
+    assert not (tmp_path / "importing" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_sighup_checkpoints_and_exits_stopped(tmp_path, archive):
+    config_path = long_config(tmp_path, archive, "hung_up")
+    process = start_single(config_path)
+    wait_for_step(tmp_path / "hung_up" / "train.log", 7, process)
+    process.send_signal(signal.SIGHUP)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == STOPPED_EXIT_CODE, err
+    assert 7 <= checkpoint.list_checkpoints(str(tmp_path / "hung_up"))[-1][0] < 40
+    assert "Stopped by SIGHUP at step" in (tmp_path / "hung_up" / "train.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda signum: signum.name)
+def test_a_signal_during_the_final_test_evaluation_stops_it(tmp_path, signum):
+    """10,000 test images one at a time: the final test evaluation takes far longer than stopping."""
+    archive = write_cifar100_archive(tmp_path / "big_test.tar.gz", num_train=48, num_test=10_000)
+    config_path = tiny_config(tmp_path, archive, "testing", data={"val_size": 8}, eval={"batch_size": 1})
+    process = start_single(config_path)
+    while not checkpoint.list_checkpoints(str(tmp_path / "testing")) or (
+        checkpoint.list_checkpoints(str(tmp_path / "testing"))[-1][0] < 6
+    ):
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == STOPPED_EXIT_CODE, err
+    log = (tmp_path / "testing" / "train.log").read_text()
+    assert f"Stopped by {signum.name} during the final test evaluation" in log
+    assert "Test split, weights of the last step" not in log and "Traceback" not in err
+    if signum == signal.SIGTERM:  # as the message says, resuming runs the evaluation
+        run_single(config_path, "-o", "train.resume=auto")
+        log = (tmp_path / "testing" / "train.log").read_text()
+        assert "Test split, weights of the last step (6)" in log
 
 
 @pytest.mark.slow
