@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, pruning, resume resolution, broken folders and the output-folder guard."""
 
+import errno
 import json
 import os
 import socket
@@ -130,6 +131,19 @@ def claim_as_train_does(output_dir, **changes):
     cfg = config.defaults()
     cfg["train"].update(train_cfg(output_dir, **changes))
     output_folder.claim(cfg, resume.resolve(cfg["train"], distributed.Context(0, 1)))
+
+
+def test_lock_output_dir_false_claims_the_folder_without_flock(tmp_path, monkeypatch, caplog):
+    def no_locks(stream, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr("rdrop.output_folder.fcntl.flock", no_locks)
+    with pytest.raises(UserError, match="does not support file locks"):
+        claim_as_train_does(tmp_path / "locked")
+    claim_as_train_does(tmp_path / "unlocked", lock_output_dir=False)
+    assert (tmp_path / "unlocked" / checkpoint.RUN_CONFIG).is_file()
+    assert not (tmp_path / "unlocked" / output_folder.LOCK_FILE).exists()
+    assert "nothing keeps another run out" in caplog.text
 
 
 @pytest.mark.parametrize("left_behind", ["checkpoint", "best_weights_only", "best_metrics_only"])
