@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from rdrop import checkpoint, config, optim, resume
+from rdrop import checkpoint, config, optim, resume, step
 from rdrop.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class RunState:
             saved["step"],
             saved["best"],
             saved["data"],
-            saved["loss_scaler"],
+            saved.get("loss_scaler"),
             path,
             changes,
             weights,
@@ -63,7 +63,7 @@ class RunState:
             )
         model.set_state_dict(self.weights)
         optim.restore_optimizer(optimizer, model, self.optimizer_state)
-        scaler.load_state_dict(self.loss_scaler)
+        step.restore_loss_scaler(scaler, self.loss_scaler)
         self.weights = self.optimizer_state = None  # a copy of the model is memory the run needs
 
     def restore_stream(self, stream):
