@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from rdrop import checkpoint, config, optim, resume, step
+from rdrop import checkpoint, config, optim, step
 from rdrop.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -26,10 +26,10 @@ class RunState:
     optimizer_state: Any = dataclasses.field(default=None, repr=False)
 
     @classmethod
-    def start(cls, cfg, context):
-        """A fresh run, or the run resumed from the checkpoint all ranks agree on (train.resume)."""
-        path = resume.resolve(cfg["train"], context)
-        return cls(cfg) if path is None else cls.load(path, cfg)
+    def start(cls, cfg, resume_from):
+        """A fresh run, or the run resumed from checkpoint folder `resume_from` (the one all ranks agree
+        on: `resume.resolve`)."""
+        return cls(cfg) if resume_from is None else cls.load(resume_from, cfg)
 
     @classmethod
     def load(cls, path, cfg):
