@@ -87,6 +87,54 @@ def test_start_up_failure_on_one_rank_stops_every_rank_with_its_paragraph(monkey
     assert str(stopped.value) == "Dataset file missing."
 
 
+def join_as(monkeypatch, rank, configure, other_outcome):
+    """job_watch.join on `rank` of 2, the other rank's outcome of its settings being `other_outcome`."""
+    monkeypatch.setattr(job_watch.distributed, "init", lambda: _Context(rank, 2))
+    monkeypatch.setattr(job_watch, "_start_joining_deadline", lambda: None)
+
+    def gather(value, context):
+        other = (other_outcome, "host-other")
+        return [value, other] if rank == 0 else [other, value]
+
+    monkeypatch.setattr(job_watch.distributed, "gather", gather)
+    return job_watch.join(configure)
+
+
+def refuse_config():
+    raise UserError("Config file 'c.yaml' does not exist.")
+
+
+def crash():
+    raise KeyError("oops")
+
+
+def test_settings_that_fail_on_one_rank_end_every_rank_after_joining(monkeypatch):
+    assert join_as(monkeypatch, 0, lambda: "settings", None)[0] == "settings"
+    with pytest.raises(job_watch.JobStop) as stopped:
+        join_as(monkeypatch, 0, lambda: "settings", ("Config file 'c.yaml' does not exist.", 2))
+    assert str(stopped.value) == "rank 1 (host host-other) stopped: Config file 'c.yaml' does not exist."
+    with pytest.raises(UserError, match="^Config file 'c.yaml' does not exist.$"):  # its own paragraph
+        join_as(monkeypatch, 1, refuse_config, None)
+    with pytest.raises(KeyError):  # a crash keeps its traceback on its own rank
+        join_as(monkeypatch, 1, crash, None)
+
+
+def test_the_other_ranks_learn_of_a_crash_and_of_a_refused_command_line(monkeypatch):
+    told = []
+    monkeypatch.setattr(job_watch, "_agree", lambda failure, context: told.append(failure))
+    monkeypatch.setattr(job_watch.distributed, "init", lambda: _Context(1, 2))
+    monkeypatch.setattr(job_watch, "_start_joining_deadline", lambda: None)
+
+    def refuse_command_line():
+        raise SystemExit(2)  # as argparse does, after printing the usage
+
+    for configure in (crash, refuse_command_line):
+        with pytest.raises((KeyError, SystemExit)):
+            job_watch.join(configure)
+    assert told[0] == ("crashed with KeyError: 'oops' (its traceback is in its log)", job_watch.CRASH_EXIT_CODE)
+    assert told[1][1] == 2 and "command line was refused" in told[1][0]
+
+
 class _MemoryStore:
     """The store's counters and events in a dict, as Paddle's TCPStore would hold them."""
 
