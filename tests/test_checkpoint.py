@@ -241,6 +241,8 @@ def test_a_bf16_checkpoint_resumes_as_fp16_with_a_fresh_loss_scale(tmp_path, mon
     paddle.seed(0)
     model = paddle.nn.Linear(3, 2)
     optimizer = paddle.optimizer.Momentum(parameters=model.parameters())
+    model(paddle.ones([4, 3])).sum().backward()
+    optimizer.step()  # a velocity to save
     bf16 = config.defaults()
     bf16["train"]["amp"] = "bf16"
     extra = {"config": bf16, "best": None, "data": None, "step": 4}
