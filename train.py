@@ -20,7 +20,7 @@ from rdrop import preemption
 if __name__ == "__main__":
     preemption.hold_stop_signals()  # until main() takes them: Paddle's import installs its own handler
 
-from rdrop import config, distributed, evaluation, logs, output_folder, runtime, seeding  # noqa: E402
+from rdrop import config, distributed, evaluation, job_watch, logs, output_folder, resume, runtime, seeding  # noqa: E402
 from rdrop.errors import exit_on_user_error  # noqa: E402
 from rdrop.run_state import RunState  # noqa: E402
 from rdrop.step import DivergenceGuard, accumulation_steps, build_trainer  # noqa: E402
@@ -44,24 +44,33 @@ def due(every, step, total_steps):
     return (every and step % every == 0) or step == total_steps
 
 
-@exit_on_user_error
-@preemption.exit_when_stopped
-def main(argv=None):
-    stop = preemption.StopRequest().install()  # before anything slow: a signal at any moment ends the run cleanly
+def configure(argv):
+    """The run's settings, read and checked on this rank alone: (config, micro-batches per step, CPU threads)."""
     args = parse_args(argv)
     cfg = config.load(args.config, args.override)
-    train_cfg, total_steps = cfg["train"], cfg["schedule"]["total_steps"]
-    # Checked before anything is written, and before joining the job, so that under the launcher the
-    # paragraph is not buried in the collective set-up's output (the console shows a failed worker's
-    # last lines).
+    # Checked before anything is written, so that a config naming an unknown model writes nothing.
     models.resolve_architecture(cfg["model"])
-    accumulation = accumulation_steps(train_cfg, paddle.distributed.get_world_size())
-    cpu_threads = runtime.configure_cpu(train_cfg["cpu_threads"])
-    context = distributed.init()
-    run = RunState.start(cfg, context)  # fresh, or resumed from the checkpoint every rank agrees on
-    if context.is_main:
-        output_folder.claim(cfg, run.resumed_from)
-    logs.setup(context, train_cfg["output_dir"] if context.is_main else None)
+    accumulation = accumulation_steps(cfg["train"], paddle.distributed.get_world_size())
+    return cfg, accumulation, runtime.configure_cpu(cfg["train"]["cpu_threads"])
+
+
+@exit_on_user_error
+@preemption.exit_when_stopped
+@job_watch.announce_failures
+def main(argv=None):
+    stop = preemption.StopRequest().install()  # before anything slow: a signal at any moment ends the run cleanly
+    # Every rank joins the job even when its settings failed, and then every rank ends with the reason
+    # (rdrop/job_watch.py): on several machines, one that left alone would keep the others waiting.
+    (cfg, accumulation, cpu_threads), context = job_watch.join(lambda: configure(argv))
+    train_cfg, total_steps = cfg["train"], cfg["schedule"]["total_steps"]
+    output_dir = train_cfg["output_dir"]
+    job_watch.start(context, os.path.join(output_dir, logs.LOG_FILE))  # a failure on any rank ends every rank
+    resume_from = resume.resolve(train_cfg, context)  # the checkpoint every rank agrees on, or None
+    with job_watch.all_or_none(context):
+        run = RunState.start(cfg, resume_from)  # fresh, or resumed from that checkpoint
+        if context.is_main:
+            output_folder.claim(cfg, run.resumed_from)
+        logs.setup(context, output_dir if context.is_main else None)  # from here on rank 0 writes train.log
     logger.info(
         "%d process(es) x %d micro-batch(es) of %d = %d images per step%s",
         context.world_size,
@@ -80,9 +89,9 @@ def main(argv=None):
 
     # Data: an endless, sharded, resumable stream of model-ready training micro-batches, and the
     # evaluation splits.
-    if context.is_node_main:
-        data.prepare_dataset(cfg)  # one download per machine, not one per process into the same file
-    distributed.barrier(context)
+    with job_watch.all_or_none(context):
+        if context.is_node_main:
+            data.prepare_dataset(cfg)  # one download per machine, not one per process into the same file
     stream = data.TrainStream(cfg, context.rank, context.world_size)
     stream.check_same_files_everywhere(lambda value: distributed.gather(value, context))
     run.restore_stream(stream)
@@ -91,9 +100,7 @@ def main(argv=None):
     # Built now, used after the last step: a test split that cannot be read fails the run before training.
     test_loader = data.build_eval_loader(cfg, "test", context.rank, context.world_size) if split == "val" else None
 
-    output_dir = train_cfg["output_dir"]
     writer = logs.MetricsWriter(context, output_dir, run.step, config.run_definition(cfg), logs.eval_tags(split))
-    watchdog = distributed.RankWatchdog(context, os.path.join(output_dir, logs.LOG_FILE))
     progress = logs.TrainingProgress(cfg, trainer.train_step.criterion.needs_two_samples, writer)
     guard = DivergenceGuard(train_cfg["max_bad_steps"])
 
@@ -120,7 +127,7 @@ def main(argv=None):
     if test_loader is not None and not stop.stopping:
         with stop.interruptible("the final test evaluation"):
             selection.test_last_weights(trainer, test_loader, run)
-    watchdog.stop()  # from here on a rank that is done may exit before the others
+    job_watch.stop()  # from here on a rank that is done may exit before the others
     distributed.barrier(context)
     writer.close()
     stop.exit_if_stopping(run.step, total_steps)

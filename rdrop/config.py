@@ -425,6 +425,14 @@ SCHEMA = {
             "deleting them; the new run's VisualDL records replace that run's. Nothing else is deleted.",
             free_on_resume=True,
         ),
+        "lock_output_dir": Key(
+            True,
+            boolean(),
+            "Lock output_dir (flock on its .lock file) so that a second run on the same folder is refused. "
+            "false only for a file system without flock (Lustre without flock, NFSv3 with nolock), when "
+            "you make sure yourself that one run at a time uses the folder.",
+            free_on_resume=True,
+        ),
         "keep_checkpoints": Key(2, integer(1), "How many of the newest checkpoints to keep.", free_on_resume=True),
         "max_bad_steps": Key(
             20,

@@ -9,16 +9,14 @@ import contextlib
 import logging
 import os
 import re
-import subprocess
 import sys
 import warnings
 
-from rdrop.errors import UserError
+from rdrop.errors import PeerLost
 
 import numpy as np
 import paddle
 import paddle.distributed as dist
-import psutil
 from paddle.distributed import fleet
 
 logger = logging.getLogger(__name__)
@@ -87,43 +85,6 @@ def _without_setup_chatter():
         sys.stderr = stderr
 
 
-class RankWatchdog:
-    """Reports the moment another worker on this machine dies or is frozen: in this worker's log, and
-    (from the lowest surviving rank) on the launcher's console and in `log_file`, the run's train.log.
-
-    Without it, a killed rank shows up in the survivors as a failure deep inside the gradient
-    all-reduce (gloo aborts the process from C++, NCCL may wait until the launcher gives up), and the
-    launcher names whichever process it noticed first. The watching runs in a separate small process
-    (rdrop/rank_watcher.py) so that the report is written even if this process is aborted at once.
-    `stop()` before the ranks part: after that, a rank finishing first is normal.
-    """
-
-    def __init__(self, context, log_file):
-        self._watcher = None
-        if context.world_size == 1:
-            return
-        siblings = []
-        for process in psutil.Process(os.getppid()).children():
-            try:
-                rank = process.environ().get("PADDLE_TRAINER_ID")
-            except psutil.Error:
-                continue
-            if process.pid != os.getpid() and rank is not None:
-                siblings.append(f"{rank}:{process.pid}")
-        if siblings:
-            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rank_watcher.py")
-            self._watcher = subprocess.Popen(
-                [sys.executable, script, str(context.rank), str(os.getpid()), str(os.getppid()), log_file, *siblings],
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    def stop(self):
-        if self._watcher is not None:
-            self._watcher.kill()
-            self._watcher.wait()
-
-
 def wrap(model, optimizer, context):
     """fleet's data-parallel model (gradients all-reduced and averaged in backward) and optimizer.
 
@@ -156,7 +117,7 @@ def peers_expected(context):
             raise
         lost = re.search(r"pair_rank = (\d+)", str(error))
         who = f"rank {lost.group(1)}" if lost else "another rank"
-        raise UserError(
+        raise PeerLost(
             f"Rank {context.rank} lost contact with {who} during a collective operation ({error}). "
             f"That process died or was killed; the job cannot continue. Restart it with "
             f"-o train.resume=auto to continue from the last checkpoint."

@@ -11,6 +11,8 @@ import re
 import sys
 
 USER_ERROR_EXIT_CODE = 2
+# EX_UNAVAILABLE of sysexits.h: another rank of the job vanished; resumable from the last checkpoint.
+PEER_LOST_EXIT_CODE = 69
 
 # Paddle reports a data-loading worker that died in one of these forms. Its SIGCHLD handler raises
 # wherever the main thread is, often inside backward (wrapped in several C++ error layers); when that
@@ -23,6 +25,15 @@ _DEAD_LOADER_WORKER = re.compile(
 
 class UserError(Exception):
     """A problem in the user's input, with a message that names it and the fix."""
+
+    exit_code = USER_ERROR_EXIT_CODE
+
+
+class PeerLost(UserError):
+    """Another rank of the job vanished (killed, crashed, its machine gone). Not the user's input, but
+    the same treatment: one paragraph, no traceback, and an exit code of its own."""
+
+    exit_code = PEER_LOST_EXIT_CODE
 
 
 def exit_missing_dependency(error, needed_for, install):
@@ -45,7 +56,7 @@ def exit_on_user_error(main):
         except UserError as error:
             paragraph = " ".join(str(error).split())  # embedded messages (YAML, Paddle) bring line breaks
             print(f"error: {paragraph}", file=sys.stderr, flush=True)
-            sys.exit(USER_ERROR_EXIT_CODE)
+            sys.exit(error.exit_code)
         except Exception as error:
             dead_worker = _DEAD_LOADER_WORKER.search(str(error))
             if dead_worker is None:

@@ -1,10 +1,12 @@
 """The output folder of a run: made, locked for the run, and never silently written over.
 
 The lock is the operating system's (flock) on `.lock`, so it ends with the process however that ends:
-a killed run never blocks its own resume. A fresh run refuses a folder holding another run's
+a killed run never blocks its own resume; train.lock_output_dir=false goes without it, for file
+systems that have no flock. A fresh run refuses a folder holding another run's
 checkpoints or best weights unless train.overwrite is set.
 """
 
+import errno
 import fcntl
 import logging
 import os
@@ -25,6 +27,9 @@ from rdrop.errors import UserError
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"  # held by rank 0 of the run using the folder; holds its host and pid
+# How flock says the file system has no locks: ENOSYS (Lustre mounted without flock or localflock),
+# ENOLCK (NFSv3 mounted with nolock, or no lock daemon).
+_NO_LOCKS = (errno.ENOSYS, errno.ENOLCK)
 _held_locks = {}  # real path of a lock file -> its open file, kept open for the rest of the process
 
 
@@ -36,7 +41,8 @@ def _lock_holder(stream):
 def lock(output_dir):
     """Hold an exclusive lock on `output_dir` for the rest of this process, or a UserError naming
     the run (host, pid) that holds it. The lock is the operating system's (flock), so it ends with
-    the process however that ends: a killed run never blocks its own resume."""
+    the process however that ends: a killed run never blocks its own resume. A file system without
+    flock is a UserError too: the run could not be kept apart from another one in the folder."""
     path = os.path.join(os.path.realpath(output_dir), LOCK_FILE)
     if path in _held_locks:
         return
@@ -50,6 +56,20 @@ def lock(output_dir):
             f"Output folder '{output_dir}' is in use by another training run ({holder}). Two runs in "
             f"one folder would overwrite and prune each other's checkpoints. Wait for that run to "
             f"end (or stop it), or choose another train.output_dir."
+        ) from None
+    except OSError as error:
+        stream.close()
+        if error.errno not in _NO_LOCKS:
+            raise
+        raise UserError(
+            f"The file system of train.output_dir '{output_dir}' does not support file locks (flock "
+            f"failed with {errno.errorcode[error.errno]}: {error.strerror}), as on Lustre mounted without "
+            f"flock or NFSv3 mounted with nolock. The run locks its output folder so that a second run "
+            f"started on the same folder (e.g. a scheduler's requeue while the first still runs) is "
+            f"refused instead of overwriting and pruning its checkpoints; here two such runs could not be "
+            f"kept apart. Put train.output_dir on a file system with locks (a local disk, or the mount "
+            f"with flock enabled), or, if you make sure yourself that only one run uses the folder, "
+            f"run without the lock: -o train.lock_output_dir=false."
         ) from None
     stream.seek(0)
     stream.truncate()
@@ -95,7 +115,10 @@ def claim(cfg, resume_from):
         atomic.refuse_link(os.path.join(output_dir, name))
     try:
         os.makedirs(output_dir, exist_ok=True)
-        lock(output_dir)
+        if train_cfg["lock_output_dir"]:
+            lock(output_dir)
+        else:
+            logger.warning("train.lock_output_dir is false: nothing keeps another run out of %s", output_dir)
     except OSError as error:
         raise UserError(
             f"Cannot create train.output_dir '{output_dir}' or write into it ({error.strerror}). Choose "

@@ -1,6 +1,6 @@
 """Watches the other workers on this machine and reports the first one that dies or is frozen.
 
-Run by `rdrop.distributed.RankWatchdog` as a small separate process (it imports nothing heavy), with
+Run by `rdrop.job_watch.JobWatch` as a small separate process (it imports nothing heavy), with
 its stderr shared with the worker it serves, so the report lands in that worker's log even when the
 worker itself is aborted by the collective library a moment later (gloo kills a process from C++
 when its peer's connection resets, and the launcher then names whichever process it noticed first).

@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any
 
-from rdrop import checkpoint, config, optim, resume
+from rdrop import checkpoint, config, optim, step
 from rdrop.errors import UserError
 
 import numpy as np
@@ -147,10 +147,10 @@ class RunState:
     optimizer_state: Any = dataclasses.field(default=None, repr=False)
 
     @classmethod
-    def start(cls, cfg, context):
-        """A fresh run, or the run resumed from the checkpoint all ranks agree on (train.resume)."""
-        path = resume.resolve(cfg["train"], context)
-        return cls(cfg) if path is None else cls.load(path, cfg)
+    def start(cls, cfg, resume_from):
+        """A fresh run, or the run resumed from checkpoint folder `resume_from` (the one all ranks agree
+        on: `resume.resolve`)."""
+        return cls(cfg) if resume_from is None else cls.load(resume_from, cfg)
 
     @classmethod
     def load(cls, path, cfg):
@@ -171,7 +171,7 @@ class RunState:
             saved["step"],
             saved["best"],
             saved["data"],
-            saved["loss_scaler"],
+            saved.get("loss_scaler"),
             path,
             changes,
             weights,
@@ -193,7 +193,7 @@ class RunState:
             )
         model.set_state_dict(self.weights)
         optim.restore_optimizer(optimizer, model, self.optimizer_state)
-        scaler.load_state_dict(self.loss_scaler)
+        step.restore_loss_scaler(scaler, self.loss_scaler)
         self.weights = self.optimizer_state = None  # a copy of the model is memory the run needs
 
     def restore_stream(self, stream):

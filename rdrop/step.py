@@ -76,6 +76,21 @@ def loss_scaler(amp):
     return LossScaler(enable=amp == "fp16", init_loss_scaling=2.0**15)
 
 
+def restore_loss_scaler(scaler, state):
+    """Put a checkpoint's loss-scaler `state` into `scaler`. A run without loss scaling (bf16, float32,
+    or fp16 on a CPU) saves an empty state, which an enabled scaler refuses (Paddle's
+    AmpScaler.load_state_dict raises on {}): a resume that switches to fp16 (train.resume_changes)
+    starts from the fresh scale instead, and says so. A disabled scaler ignores any state."""
+    if scaler.is_enable() and not state:
+        logger.info(
+            "The checkpoint holds no fp16 loss-scaler state (it was written without loss scaling): "
+            "the loss scale starts fresh at %g",
+            float(scaler.get_init_loss_scaling()),
+        )
+        return
+    scaler.load_state_dict(state or {})
+
+
 def accumulation_steps(train_cfg, world_size):
     """Micro-batches per optimizer step on each of `world_size` processes."""
     per_step = train_cfg["micro_batch_size"] * world_size

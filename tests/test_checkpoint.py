@@ -2,14 +2,17 @@
 the output-folder guard."""
 
 import copy
+import errno
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import textwrap
 
-from rdrop import checkpoint, config, distributed, output_folder, resume
+from rdrop import checkpoint, config, distributed, optim, output_folder, resume
+from rdrop import step as train_step
 from rdrop.errors import UserError
 from rdrop.run_state import RunState
 
@@ -135,6 +138,19 @@ def claim_as_train_does(output_dir, **changes):
     output_folder.claim(cfg, resume.resolve(cfg["train"], distributed.Context(0, 1)))
 
 
+def test_lock_output_dir_false_claims_the_folder_without_flock(tmp_path, monkeypatch, caplog):
+    def no_locks(stream, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr("rdrop.output_folder.fcntl.flock", no_locks)
+    with pytest.raises(UserError, match="does not support file locks"):
+        claim_as_train_does(tmp_path / "locked")
+    claim_as_train_does(tmp_path / "unlocked", lock_output_dir=False)
+    assert (tmp_path / "unlocked" / checkpoint.RUN_CONFIG).is_file()
+    assert not (tmp_path / "unlocked" / output_folder.LOCK_FILE).exists()
+    assert "nothing keeps another run out" in caplog.text
+
+
 @pytest.mark.parametrize("left_behind", ["checkpoint", "best_weights_only", "best_metrics_only"])
 def test_a_fresh_run_never_overwrites_what_a_previous_run_left(tmp_path, left_behind):
     run = tmp_path / "run"
@@ -209,6 +225,51 @@ def test_an_fp16_loss_scaler_state_survives_save_and_resume(tmp_path):
     assert restored["scale"].dtype == np.float32 and restored["scale"].shape == (1,)
     np.testing.assert_array_equal(restored["scale"], gpu_state["scale"])
     assert {k: v for k, v in restored.items() if k != "scale"} == {k: v for k, v in gpu_state.items() if k != "scale"}
+
+
+class _GpuPlace:
+    def is_gpu_place(self):
+        return True
+
+
+@pytest.mark.parametrize("saved_scaler", ["empty", "missing"])
+def test_a_bf16_checkpoint_resumes_as_fp16_with_a_fresh_loss_scale(tmp_path, monkeypatch, caplog, saved_scaler):
+    """A bf16 (or float32, or CPU) run saves the disabled scaler's state, {}; an older checkpoint may
+    hold none. Resumed with train.amp=fp16 on a GPU, the enabled scaler would refuse {} (Paddle raises
+    RuntimeError): the run starts from the fresh scale instead and says so."""
+    monkeypatch.setattr(  # GradScaler enables itself only where the tracer's place is a GPU
+        paddle.amp.grad_scaler, "_dygraph_tracer", lambda: type("Tracer", (), {"_expected_place": _GpuPlace()})
+    )
+    paddle.seed(0)
+    model = paddle.nn.Linear(3, 2)
+    optimizer = paddle.optimizer.Momentum(parameters=model.parameters())
+    model(paddle.ones([4, 3])).sum().backward()
+    optimizer.step()  # a velocity to save
+    bf16 = config.defaults()
+    bf16["train"]["amp"] = "bf16"
+    extra = {"config": bf16, "best": None, "data": None, "step": 4}
+    if saved_scaler == "empty":
+        extra["loss_scaler"] = train_step.loss_scaler("bf16").state_dict()
+        assert extra["loss_scaler"] == {}
+    saved = {name: value.numpy() for name, value in model.state_dict().items()}
+    checkpoint.save(
+        str(tmp_path), 4, model.state_dict(), optim.portable_optimizer_state(optimizer, model), extra, keep=1
+    )
+
+    fp16 = config.defaults()
+    fp16["train"].update(amp="fp16", resume_changes=["train.amp"])
+    run = RunState.load(str(tmp_path / "checkpoints" / "step_4"), fp16)
+    assert "train.amp: 'bf16' -> 'fp16'" in run.changes
+    paddle.seed(1)
+    fresh_model = paddle.nn.Linear(3, 2)
+    scaler = train_step.loss_scaler("fp16")
+    assert scaler.is_enable()
+    with caplog.at_level(logging.INFO):
+        run.restore(fresh_model, paddle.optimizer.Momentum(parameters=fresh_model.parameters()), scaler)
+    assert "no fp16 loss-scaler state" in caplog.text and "starts fresh at 32768" in caplog.text
+    assert scaler.state_dict()["scale"].tolist() == [2.0**15]
+    for name, value in fresh_model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), saved[name])
 
 
 def reports(*per_rank):

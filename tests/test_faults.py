@@ -4,6 +4,7 @@ Each fault must end in a clean recovery (a resumed run finishes with exactly the
 uninterrupted one) or in one clear message with a non-zero exit, never a hang or a traceback.
 """
 
+import errno
 import json
 import os
 import signal
@@ -291,6 +292,26 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path, archive, capsys):
         train.main(["--config", config_path])
     assert exit_info.value.code == 2
     assert "Cannot create train.output_dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOLCK])
+def test_an_output_dir_without_file_locks_is_one_paragraph_naming_the_way_to_run_anyway(
+    tmp_path, archive, capsys, monkeypatch, code
+):
+    """Lustre without flock answers ENOSYS, NFSv3 with nolock ENOLCK: not "cannot create or write"."""
+
+    def no_locks(stream, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr("rdrop.output_folder.fcntl.flock", no_locks)
+    config_path = tiny_config(tmp_path, archive, "nolocks")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", config_path])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+    assert "does not support file locks" in err and errno.errorcode[code] in err
+    assert "-o train.lock_output_dir=false" in err and "Cannot create" not in err
 
 
 def bad_archive(tmp_path, **knobs):
