@@ -59,6 +59,7 @@ def configure(argv):
 @job_watch.announce_failures
 def main(argv=None):
     stop = preemption.StopRequest().install()  # before anything slow: a signal at any moment ends the run cleanly
+    logs.forget_log_file()
     # Every rank joins the job even when its settings failed, and then every rank ends with the reason
     # (rdrop/job_watch.py): on several machines, one that left alone would keep the others waiting.
     (cfg, accumulation, cpu_threads), context = job_watch.join(lambda: configure(argv))

@@ -31,7 +31,8 @@ until the scheduler kills the job. This is the run's one watch over its ranks:
   shows only rank 0's log.
 
 The bound: a reason reaches every rank within HEARTBEAT_SECONDS; a vanished rank is noticed within
-SILENCE_SECONDS + HEARTBEAT_SECONDS (32 s); a rank that never joins, within JOINING_SECONDS (90 s).
+SILENCE_SECONDS + HEARTBEAT_SECONDS (32 s); a rank that never joins, within JOINING_SECONDS (90 s,
+or JOINING_ENV's value).
 Once the job has joined, Paddle releases the GIL while it computes and while it waits in a
 collective (a 0.25 s heartbeat thread never missed a beat during matmuls and 8 s waits in
 all_reduce, barrier and DataParallel's broadcast here), so the thread beats whatever the training
@@ -42,6 +43,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -61,7 +63,9 @@ HEARTBEAT_SECONDS = 2.0
 SILENCE_SECONDS = 30.0
 # The collective set-up waits for every rank; the launchers start their workers together, so only a
 # rank that ended before joining (or a machine that cannot reach PADDLE_MASTER) keeps it waiting longer.
+# Where machines start far apart (a scheduler that pulls images node by node), JOINING_ENV raises it.
 JOINING_SECONDS = 90.0
+JOINING_ENV = "RDROP_JOINING_SECONDS"
 CRASH_EXIT_CODE = 1
 _KEY = "rdrop/job_watch/"
 _STORE_ERRORS = (ValueError, RuntimeError, OSError)  # how Paddle's TCPStore reports a lost connection
@@ -133,16 +137,35 @@ def join(configure):
     return result, context
 
 
+def joining_seconds():
+    """How long a rank waits in the collective set-up: JOINING_SECONDS, or the environment's JOINING_ENV."""
+    value = os.environ.get(JOINING_ENV)
+    if value is None:
+        return JOINING_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise UserError(
+            f"{JOINING_ENV}={value!r} is not a number of seconds above 0. It is how long a rank waits for "
+            f"the others to join the job (default {JOINING_SECONDS:.0f}); set it to a positive number, "
+            f"or unset it."
+        )
+    return seconds
+
+
 def _start_joining_deadline():
     """rdrop/joining_deadline.py over this worker's collective set-up, under Paddle's launcher."""
     if distributed.dist.get_world_size() == 1:
         return None
+    seconds = joining_seconds()
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "joining_deadline.py")
     return subprocess.Popen(
         [
             sys.executable,
             script,
-            str(JOINING_SECONDS),
+            str(seconds),
             str(os.getpid()),
             os.environ.get("PADDLE_TRAINER_ID", "?"),
             os.environ.get("PADDLE_MASTER", "?"),

@@ -33,6 +33,16 @@ def setup(context, output_dir=None):
     _route(context.rank, output_dir)
 
 
+def forget_log_file():
+    """Stop writing an earlier run's train.log: a run started again in the same process (a notebook,
+    the tests) must not log its start-up into the previous run's folder before it owns the folder."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+
+
 def setup_single_process():
     """Route all `logging` output of a tool that always runs as one process (a script) to stdout."""
     _route(0, None)

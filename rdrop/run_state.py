@@ -17,7 +17,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 SPLITS = ("val", "test")  # where the best weights were selected (rdrop/evaluation.py)
-REQUIRED_FIELDS = ("step", "best", "data", "loss_scaler")
+# A checkpoint may lack "loss_scaler" (older versions wrote none): the scale then starts fresh
+# (rdrop/step.py restore_loss_scaler).
+REQUIRED_FIELDS = ("step", "best", "data")
 # GradScaler.state_dict() of an fp16 run (empty when the scaler is disabled): the field and the check
 # of its value, as paddle/amp/grad_scaler.py writes and reads them.
 LOSS_SCALER_FIELDS = {
@@ -119,7 +121,7 @@ def _state_problem(saved, path):
         return f"has 'config' {config.shown(saved['config'])}, which is not a mapping of sections"
     if not isinstance(saved["data"], dict):
         return f"has 'data' {config.shown(saved['data'])}, which is not the data stream's position"
-    return _best_problem(saved["best"], step) or _loss_scaler_problem(saved["loss_scaler"])
+    return _best_problem(saved["best"], step) or _loss_scaler_problem(saved.get("loss_scaler", {}))
 
 
 def check_state(saved, path):

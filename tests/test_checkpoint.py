@@ -247,7 +247,7 @@ def test_a_bf16_checkpoint_resumes_as_fp16_with_a_fresh_loss_scale(tmp_path, mon
     optimizer.step()  # a velocity to save
     bf16 = config.defaults()
     bf16["train"]["amp"] = "bf16"
-    extra = {"config": bf16, "best": None, "data": None, "step": 4}
+    extra = {"config": bf16, "best": None, "data": {}, "step": 4}
     if saved_scaler == "empty":
         extra["loss_scaler"] = train_step.loss_scaler("bf16").state_dict()
         assert extra["loss_scaler"] == {}

@@ -187,8 +187,8 @@ def test_a_signal_during_the_final_test_evaluation_stops_it(tmp_path, signum):
     log = (tmp_path / "testing" / "train.log").read_text()
     assert f"Stopped by {signum.name} during the final test evaluation" in log
     assert "Test split, weights of the last step" not in log and "Traceback" not in err
-    if signum == signal.SIGTERM:  # as the message says, resuming runs the evaluation
-        run_single(config_path, "-o", "train.resume=auto")
+    if signum == signal.SIGTERM:  # as the message says, resuming runs the evaluation (in larger batches)
+        run_single(config_path, "-o", "train.resume=auto", "-o", "eval.batch_size=500")
         log = (tmp_path / "testing" / "train.log").read_text()
         assert "Test split, weights of the last step (6)" in log
 
@@ -253,10 +253,16 @@ def test_losing_one_rank_ends_the_job_with_a_message_and_resume_works(tmp_path, 
     out, err = job.communicate(timeout=120)
     assert job.returncode != 0
     assert time.monotonic() - started < 60
-    diagnosis = f"error: rank 0 (pid {rank_zero.pid}) exited while rank 1 still needed it"
-    assert diagnosis in out + err
+    # Whichever notices first names rank 0: this machine's worker watch (its process is gone) or rank 1
+    # itself, when gloo aborts it inside a collective (rdrop/output_relay.py).
+    diagnoses = (
+        f"error: rank 0 (pid {rank_zero.pid}) exited while rank 1 still needed it",
+        "error: rank 1 lost its connection to rank 0 inside a collective operation",
+    )
+    assert any(diagnosis in out + err for diagnosis in diagnoses), out + err
     assert f"error: rank 1 (pid {rank_one.pid}) has been stopped" in out + err
-    assert diagnosis in (tmp_path / "lost" / "train.log").read_text()
+    log = (tmp_path / "lost" / "train.log").read_text()
+    assert any(diagnosis in log for diagnosis in diagnoses), log
     resumed = launch(["--config", config_path, "-o", "train.resume=auto"], tmp_path / "resume_logs")
     assert resumed.returncode == 0, worker_logs(tmp_path / "resume_logs")
     assert final_weights(tmp_path / "lost")[0] == 40

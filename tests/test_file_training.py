@@ -235,7 +235,7 @@ def test_a_folder_run_trains_evaluates_and_exports_with_its_class_names(tmp_path
     assert metadata["class_names"] == list(CLASSES)
     assert metadata["resize"] == transforms.FILE_RESIZE  # predict prepares files as evaluation did
     predict = load_script("predict")
-    results = predict.predict(str(tmp_path / "exported"), [str(folders[1] / "owl")], top=4)
+    results = list(predict.predict(str(tmp_path / "exported"), [str(folders[1] / "owl")], top=4))
     assert len(results) == 4 and all(sorted(n for n, _ in ranked) == sorted(CLASSES) for _, ranked, _ in results)
 
 

@@ -5,6 +5,7 @@ namespace with a small tmpfs over the output folder gives node 0 a disk of its o
 """
 
 import io
+import os
 import signal
 import socket
 import subprocess
@@ -209,9 +210,10 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def start_two_nodes(tmp_path, node0_disk=None, node_args=((), ()), node1_script="train.py"):
+def start_two_nodes(tmp_path, node0_disk=None, node_args=((), ()), node1_script="train.py", env=None):
     """Two launchers of one job on this host; node 0 gets a tmpfs of `node0_disk` over the output folder,
-    node N adds `node_args[N]` to train.py's command line, node 1 may run another script."""
+    node N adds `node_args[N]` to train.py's command line, node 1 may run another script; `env` adds
+    environment variables to both."""
     output_dir, port = tmp_path / "out", free_port()
     output_dir.mkdir(exist_ok=True)
     jobs = []
@@ -240,7 +242,11 @@ def start_two_nodes(tmp_path, node0_disk=None, node_args=((), ()), node1_script=
             mount = f"mount -t tmpfs -o size={node0_disk} tmpfs {output_dir}"
             command = ["unshare", "-m", "sh", "-c", f"{mount} && exec {subprocess.list2cmdline(command)}"]
         console = open(tmp_path / f"console{rank}", "w")
-        jobs.append(subprocess.Popen(command, cwd=ROOT, stdout=console, stderr=subprocess.STDOUT))
+        jobs.append(
+            subprocess.Popen(
+                command, cwd=ROOT, stdout=console, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+        )
     return jobs
 
 
@@ -364,10 +370,26 @@ def test_a_rank_that_ends_before_joining_the_job_ends_the_others_within_the_join
     rank 0 would otherwise wait in the set-up for Paddle's own timeout."""
     early_exit = tmp_path / "early_exit.py"
     early_exit.write_text("import os\nos.kill(os.getpid(), 9)\n")
-    jobs = start_two_nodes(tmp_path, node1_script=str(early_exit))
+    joining = 12  # the documented way to change the bound, which also keeps this test short
+    jobs = start_two_nodes(tmp_path, node1_script=str(early_exit), env={job_watch.JOINING_ENV: str(joining)})
     codes, ends = wait_for_both(jobs, time.monotonic())
     print(f"node 1 died before joining: nodes ended after {ends[0]:.1f} s and {ends[1]:.1f} s, codes {codes}")
     node0, _ = consoles(tmp_path)
     assert codes[0] == 256 - signal.SIGKILL  # the launcher's code for its worker, killed by the deadline
-    assert f"error: rank 0 waited {job_watch.JOINING_SECONDS:.0f} s in the job's collective set-up" in node0
+    assert f"error: rank 0 waited {joining} s in the job's collective set-up" in node0
+    assert ends[0] < joining + 60  # the bound, not Paddle's own set-up timeout
     assert_no_raw_failure(node0)
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "nan"])
+def test_a_joining_bound_that_is_not_a_positive_number_is_refused(monkeypatch, value):
+    monkeypatch.setenv(job_watch.JOINING_ENV, value)
+    with pytest.raises(UserError, match=job_watch.JOINING_ENV):
+        job_watch.joining_seconds()
+
+
+def test_the_joining_bound_defaults_to_90_seconds_and_follows_the_environment(monkeypatch):
+    monkeypatch.delenv(job_watch.JOINING_ENV, raising=False)
+    assert job_watch.joining_seconds() == 90
+    monkeypatch.setenv(job_watch.JOINING_ENV, "600")
+    assert job_watch.joining_seconds() == 600
