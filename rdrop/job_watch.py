@@ -67,6 +67,9 @@ SILENCE_SECONDS = 30.0
 JOINING_SECONDS = 90.0
 JOINING_ENV = "RDROP_JOINING_SECONDS"
 CRASH_EXIT_CODE = 1
+# When rank 0's store vanishes, the local worker watch may be naming rank 0's death on the launcher's
+# console at that moment: it gets this long before it is stopped.
+LOCAL_REPORT_SECONDS = 2.0
 _KEY = "rdrop/job_watch/"
 _STORE_ERRORS = (ValueError, RuntimeError, OSError)  # how Paddle's TCPStore reports a lost connection
 
@@ -262,10 +265,15 @@ class JobWatch:
         for target in (self._watch, self._deadline):
             threading.Thread(target=target, name=f"job-watch-{target.__name__}", daemon=True).start()
 
-    def _end_watching(self):
-        """From now on this rank ends on purpose: nothing it sees afterwards is a failure to report."""
+    def _end_watching(self, grace=0.0):
+        """From now on this rank ends on purpose: nothing it sees afterwards is a failure to report.
+        With `grace`, the local worker watch first gets that many seconds to name a worker of this
+        machine that died: it reports on the launcher's console, where this rank's own lines may not
+        show, and then ends by itself."""
         self._stopped.set()
         if self._rank_watcher is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._rank_watcher.wait(timeout=grace)
             self._rank_watcher.kill()
             self._rank_watcher.wait()
 
@@ -353,8 +361,8 @@ class JobWatch:
             message = f"error: rank {rank} (host {self.hosts[rank]}) stopped: {event['reason']}"
         self._exit(message, event["exit_code"])
 
-    def _exit(self, message, exit_code):
-        self._end_watching()
+    def _exit(self, message, exit_code, grace=0.0):
+        self._end_watching(grace)
         _report(message)
         sys.stdout.flush()
         os._exit(exit_code)
@@ -385,6 +393,7 @@ class JobWatch:
             f"why it ended, then restart the job with -o train.resume=auto to continue from the last "
             f"checkpoint.",
             PEER_LOST_EXIT_CODE,
+            grace=LOCAL_REPORT_SECONDS,
         )
 
 
