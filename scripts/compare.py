@@ -228,18 +228,21 @@ def script_command(launcher, log_dir, script, args):
 
 
 class Subprocesses:
-    """Runs one child at a time. Ctrl-C or SIGTERM reaches the child (same process group, or forwarded),
-    which stops cleanly with a checkpoint; we wait for it instead of killing it, then stop the grid."""
+    """Runs one child at a time. Ctrl-C, SIGTERM or SIGHUP (a closed terminal) reaches the child (same
+    process group, or forwarded), which stops cleanly with a checkpoint; we wait for it instead of
+    killing it, then stop the grid. SIGHUP goes on as SIGTERM: Paddle's launcher, the child of a
+    multi-process run, would die of a SIGHUP and leave its workers behind."""
 
     def __init__(self):
         self.child = None
         self.interrupted = None
-        signal.signal(signal.SIGTERM, self._forward)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._forward)
 
     def _forward(self, signum, frame):
         self.interrupted = signal.Signals(signum).name
         if self.child is not None:
-            self.child.send_signal(signum)
+            self.child.send_signal(signal.SIGTERM)
 
     def run(self, command):
         self.child = subprocess.Popen(command)

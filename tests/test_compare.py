@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -345,3 +346,40 @@ def test_two_processes_training_one_run_both_record_their_attempt(tmp_path):
     release.touch()
     assert first.wait(timeout=300) == 0
     assert attempts(folder) == 2
+
+
+HUNG_UP_GRID = """
+import os, sys
+sys.path.insert(0, os.path.join(sys.argv[2], "tests"))
+from run_helpers import load_script
+
+compare = load_script("compare")
+child = (
+    "import pathlib, signal, sys, time\\n"
+    "def stop(signum, frame):\\n"
+    f"    pathlib.Path({sys.argv[1]!r}).write_text(signal.Signals(signum).name)\\n"
+    "    sys.exit(0)\\n"
+    "signal.signal(signal.SIGTERM, stop)\\n"
+    f"pathlib.Path({sys.argv[1] + '.ready'!r}).touch()\\n"
+    "time.sleep(60)\\n"
+)
+runner = compare.Subprocesses()
+code = runner.run([sys.executable, "-c", child])
+print(runner.interrupted, code)
+"""
+
+
+def test_a_closed_terminal_stops_the_running_child_as_sigterm(tmp_path):
+    """SIGHUP to compare.py reaches its run as SIGTERM (a launcher would die of SIGHUP, leaving its
+    workers), and the grid knows it was interrupted."""
+    received = tmp_path / "received"
+    grid = subprocess.Popen(
+        [sys.executable, "-c", HUNG_UP_GRID, str(received), ROOT], stdout=subprocess.PIPE, text=True
+    )
+    while not (tmp_path / "received.ready").exists():  # its run has started and handles SIGTERM
+        assert grid.poll() is None
+        time.sleep(0.05)
+    grid.send_signal(signal.SIGHUP)
+    out, _ = grid.communicate(timeout=60)
+    assert received.read_text() == "SIGTERM"
+    assert out.split() == ["SIGHUP", "0"]
