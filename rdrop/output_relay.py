@@ -11,10 +11,14 @@ below takes their place, on the worker's console and (from the lowest surviving 
     python output_relay.py OWN_RANK WORLD_SIZE LOG_FILE < the worker's output
 """
 
+import contextlib
 import os
 import re
 import signal
 import sys
+
+from rdrop import atomic
+from rdrop.errors import UserError
 
 _GLOO_ABORT = re.compile(rb"terminate called after throwing an instance of 'gloo::")
 _WHAT = re.compile(rb"what\(\):\s*(.*)")
@@ -49,7 +53,11 @@ def relay(source, sink, own_rank, world_size, log_file):
     lost = 1 - own_rank if world_size == 2 else None
     speaks_for_all = own_rank == min(rank for rank in range(world_size) if rank != lost)  # rank 0, unless it is lost
     if speaks_for_all and os.path.exists(log_file):
-        with open(log_file, "a", encoding="utf-8") as stream:
+        # Never through a link planted at train.log (rdrop/atomic.py); the console has the message anyway.
+        with (
+            contextlib.suppress(OSError, UserError),
+            atomic.open_own(log_file, os.O_WRONLY | os.O_APPEND, "a") as stream,
+        ):
             stream.write(message + "\n")
     return message
 

@@ -17,11 +17,13 @@ the watcher names the stopped rank as soon as it has been stopped for FROZEN_SEC
     python rank_watcher.py OWN_RANK OWN_PID CONSOLE_PID LOG_FILE RANK:PID [RANK:PID ...]
 """
 
-import functools
 import os
 import select
 import sys
 import time
+
+from rdrop import atomic
+from rdrop.errors import UserError
 
 POLL_SECONDS = 2.0
 FROZEN_SECONDS = 10.0
@@ -36,22 +38,22 @@ def is_stopped(pid):
         return False
 
 
-def _open_flags(path, flags, extra):
-    return os.open(path, flags | extra)
-
-
 def report(message, reporter, console_pid, log_file):
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
     if not reporter:
         return
     # The console's stderr is a link by nature; train.log is never written through one (rdrop/atomic.py).
-    for path, no_follow in ((f"/proc/{console_pid}/fd/2", 0), (log_file, os.O_NOFOLLOW)):
+    openers = (
+        lambda: open(f"/proc/{console_pid}/fd/2", "a", encoding="utf-8"),
+        lambda: atomic.open_own(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, "a"),
+    )
+    for opener in openers:
         try:
-            with open(path, "a", opener=functools.partial(_open_flags, extra=no_follow)) as stream:
+            with opener() as stream:
                 stream.write(message + "\n")
-        except OSError:
-            pass  # the launcher or the output folder is gone: the worker's own log still has it
+        except (OSError, UserError):
+            pass  # the launcher or the output folder is gone, or a link was planted: the worker's own log has it
 
 
 def is_reporter(own_rank, watched, lost_rank):

@@ -62,6 +62,18 @@ def test_gloo_abort_becomes_one_paragraph_naming_the_lost_rank(tmp_path):
     assert log_file.read_text() == lines[1] + "\n"  # rank 0 is the lost one: rank 1 speaks in train.log
 
 
+def test_the_relay_never_writes_through_a_link_planted_at_train_log(tmp_path):
+    target = tmp_path / "someone_elses_file"
+    target.write_text("theirs\n")
+    log_file = tmp_path / "train.log"
+    log_file.symlink_to(target)
+    worker_output = b"terminate called after throwing an instance of 'gloo::IoException'\n  what():  reset\n"
+    console = io.BytesIO()
+    output_relay.relay(io.BytesIO(worker_output), console, 1, 2, str(log_file))
+    assert console.getvalue().decode().startswith("error: rank 1 lost its connection to rank 0")
+    assert target.read_text() == "theirs\n"
+
+
 def test_output_without_an_abort_passes_unchanged_and_train_log_is_left_alone(tmp_path):
     output = b"a line\n[rank 2] WARNING something\nno newline at the end"
     console = io.BytesIO()
