@@ -95,19 +95,26 @@ def run_single(config_path, *overrides):
     assert process.returncode == 0, err
 
 
+def stop_a_single_run_mid_training(tmp_path, archive, name, signum):
+    """A one-process run of 40 steps sent `signum` after step 7: it must save a checkpoint before the
+    end and exit 75. Returns its config path and console output."""
+    config_path = long_config(tmp_path, archive, name)
+    process = start_single(config_path)
+    wait_for_step(tmp_path / name / "train.log", 7, process)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == STOPPED_EXIT_CODE, err
+    stopped_at, _ = checkpoint.list_checkpoints(str(tmp_path / name))[-1]
+    assert 7 <= stopped_at < 40
+    return config_path, out
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_stopped_and_resumes_exactly(tmp_path, archive):
     run_single(long_config(tmp_path, archive, "reference"))
     _, reference = final_weights(tmp_path / "reference")
 
-    config_path = long_config(tmp_path, archive, "stopped")
-    process = start_single(config_path)
-    wait_for_step(tmp_path / "stopped" / "train.log", 7, process)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == STOPPED_EXIT_CODE, err
-    stopped_at, _ = checkpoint.list_checkpoints(str(tmp_path / "stopped"))[-1]
-    assert 7 <= stopped_at < 40
+    config_path, out = stop_a_single_run_mid_training(tmp_path, archive, "stopped", signal.SIGTERM)
     assert "Stopped by SIGTERM" in out
 
     run_single(config_path, "-o", "train.resume=auto")
@@ -159,13 +166,7 @@ def test_a_signal_while_paddle_is_imported_ends_the_run_cleanly(tmp_path, archiv
 
 @pytest.mark.slow
 def test_sighup_checkpoints_and_exits_stopped(tmp_path, archive):
-    config_path = long_config(tmp_path, archive, "hung_up")
-    process = start_single(config_path)
-    wait_for_step(tmp_path / "hung_up" / "train.log", 7, process)
-    process.send_signal(signal.SIGHUP)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == STOPPED_EXIT_CODE, err
-    assert 7 <= checkpoint.list_checkpoints(str(tmp_path / "hung_up"))[-1][0] < 40
+    stop_a_single_run_mid_training(tmp_path, archive, "hung_up", signal.SIGHUP)
     assert "Stopped by SIGHUP at step" in (tmp_path / "hung_up" / "train.log").read_text()
 
 
