@@ -201,30 +201,35 @@ def test_overwrite_deletes_only_what_runs_write(tmp_path):
     assert checkpoint.list_checkpoints(str(tmp_path)) == []
 
 
+# GradScaler.state_dict() of an enabled (GPU) fp16 scaler, with a scale it reached in training.
+GPU_LOSS_SCALER = {
+    "scale": np.array([4096.0], dtype=np.float32),
+    "incr_ratio": 2.0,
+    "decr_ratio": 0.5,
+    "incr_every_n_steps": 1000,
+    "decr_every_n_nan_or_inf": 1,
+    "incr_count": 37,
+    "decr_count": 0,
+    "use_dynamic_loss_scaling": True,
+}
+
+
 def test_an_fp16_loss_scaler_state_survives_save_and_resume(tmp_path):
     """On a GPU, GradScaler.state_dict() holds the scale as a float32 array of shape [1]
     (paddle/amp/grad_scaler.py: `"scale": self._scale.numpy()`) next to its counters."""
-    gpu_state = {
-        "scale": np.array([4096.0], dtype=np.float32),
-        "incr_ratio": 2.0,
-        "decr_ratio": 0.5,
-        "incr_every_n_steps": 1000,
-        "decr_every_n_nan_or_inf": 1,
-        "incr_count": 37,
-        "decr_count": 0,
-        "use_dynamic_loss_scaling": True,
-    }
-    checkpoint.save(str(tmp_path), 3, *small_states(3), {"loss_scaler": gpu_state}, keep=1)
+    checkpoint.save(str(tmp_path), 3, *small_states(3), {"loss_scaler": GPU_LOSS_SCALER}, keep=1)
     _, _, trainer_state = checkpoint.load(str(tmp_path / "checkpoints" / "step_3"))
 
     scaler = paddle.amp.GradScaler(enable=False)
     scaler._enable = True  # as on a GPU: on a CPU, Paddle disables the scaler when it is built
     scaler.load_state_dict(trainer_state["loss_scaler"])
     restored = scaler.state_dict()
-    assert restored.keys() == gpu_state.keys()
+    assert restored.keys() == GPU_LOSS_SCALER.keys()
     assert restored["scale"].dtype == np.float32 and restored["scale"].shape == (1,)
-    np.testing.assert_array_equal(restored["scale"], gpu_state["scale"])
-    assert {k: v for k, v in restored.items() if k != "scale"} == {k: v for k, v in gpu_state.items() if k != "scale"}
+    np.testing.assert_array_equal(restored["scale"], GPU_LOSS_SCALER["scale"])
+    assert {k: v for k, v in restored.items() if k != "scale"} == {
+        k: v for k, v in GPU_LOSS_SCALER.items() if k != "scale"
+    }
 
 
 class _GpuPlace:
@@ -379,16 +384,7 @@ def test_a_bomb_in_trainer_state_json_is_a_paragraph_naming_the_file(tmp_path, b
 
 
 # An fp16 GradScaler's state as trainer_state.json holds it (see the save-and-resume test above).
-FP16_LOSS_SCALER = {
-    "scale": {"__ndarray__": [4096.0], "dtype": "float32"},
-    "incr_ratio": 2.0,
-    "decr_ratio": 0.5,
-    "incr_every_n_steps": 1000,
-    "decr_every_n_nan_or_inf": 1,
-    "incr_count": 37,
-    "decr_count": 0,
-    "use_dynamic_loss_scaling": True,
-}
+FP16_LOSS_SCALER = {**GPU_LOSS_SCALER, "scale": {"__ndarray__": [4096.0], "dtype": "float32"}}
 
 
 def saved_run(tmp_path, step=4, total_steps=10):
