@@ -3,6 +3,7 @@ and the quickstart config on one or two processes."""
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -134,3 +135,21 @@ def test_the_readme_own_data_commands_train_on_folders_and_lists_and_evaluate(tm
     assert [value for value in gpu_overrides if "output_dir" not in value] == folder_overrides[1:]
     gpu_cfg = config.load(os.path.join(ROOT, gpu_arguments[gpu_arguments.index("-c") + 1]), gpu_overrides)
     assert gpu_cfg["data"]["dataset"] == "folder" and gpu_cfg["model"]["num_classes"] == 5
+
+
+def test_the_readme_is_a_front_page_whose_links_resolve():
+    """At most 20 KB, and every relative link (README and docs/) names a file that exists and, with a
+    #fragment, a heading of that file (GitHub's anchor rule: lower case, spaces to '-', punctuation dropped)."""
+    readme = pathlib.Path(ROOT) / "README.md"
+    assert readme.stat().st_size <= 20_000
+    for page in [readme, *sorted((pathlib.Path(ROOT) / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, fragment = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.name} links to missing {target}"
+            if fragment and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.MULTILINE)
+                anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+                assert fragment in anchors, f"{page.name} links to missing anchor {target}"
